@@ -1,0 +1,164 @@
+-- cdc-dashboard capture, version 1.
+--
+-- Installs a durable change log and a generic capture trigger that any table with a business key column can
+-- use. Apply with plain `psql -f install.sql` (idempotent: safe to run again); remove with uninstall.sql.
+--
+--   select cdc.track('public.payments', business_column => 'business_id', watch_columns => array['status']);
+--   select cdc.untrack('public.payments');
+--
+-- Every object carries a _v1 suffix: a later version installs _v2 beside it, so a running listener never
+-- finds its functions changed under it.
+--
+-- How a change travels: the trigger appends a small row to cdc.change_log in the writer's own transaction
+-- (durable, and invisible until that transaction commits). The listener consumes the log as a queue, so a
+-- transaction that commits late is still consumed - no cursor can skip it. NOTIFY is only a wake-up hint,
+-- and writers send it only while the listener says it is asleep: a busy system never pays NOTIFY's
+-- commit-time lock per transaction.
+
+create schema if not exists cdc;
+
+create table if not exists cdc.change_log (
+    id           bigint generated always as identity primary key,
+    table_name   text not null,                 -- schema.table
+    op           text not null check (op in ('INSERT', 'UPDATE', 'DELETE', 'TRUNCATE')),
+    business_id  text,                          -- the row's business key as text; null only for TRUNCATE
+    row_id       text,                          -- the row's key as text, never the whole row
+    old_values   jsonb,                         -- the watched columns before (UPDATE, DELETE)
+    new_values   jsonb,                         -- the watched columns after (INSERT, UPDATE)
+    captured_at  timestamptz not null default clock_timestamp()
+);
+
+create table if not exists cdc.tracked_tables (
+    table_name      text primary key,           -- schema.table
+    business_column text not null,
+    id_column       text not null,
+    watch_columns   text[] not null default '{}',
+    tracked_at      timestamptz not null default now()
+);
+
+-- The listener's sleep announcement. Writers NOTIFY only while `sleeping_until` is in the future; the
+-- listener renews it while it waits, so a crashed listener stops costing writers within a minute.
+create table if not exists cdc.wake_state (
+    singleton      boolean primary key default true check (singleton),
+    sleeping_until timestamptz
+);
+insert into cdc.wake_state (singleton) values (true) on conflict do nothing;
+
+-- Wake the listener if it sleeps; checked once per writing transaction.
+--
+-- The shared advisory lock (held until commit) closes the race where a writer reads "awake" just before the
+-- listener announces sleep: the listener only sleeps untimed once it can take the lock exclusively, i.e.
+-- once no transaction that might have read the old announcement is still open.
+create or replace function cdc.wake_v1() returns void
+language plpgsql as $$
+begin
+    if current_setting('cdc.wake_checked_v1', true) = 'y' then
+        return;
+    end if;
+    perform pg_advisory_xact_lock_shared(4242000001);
+    perform set_config('cdc.wake_checked_v1', 'y', true);
+    if exists (select 1 from cdc.wake_state where sleeping_until > now()) then
+        perform pg_notify('cdc_wake_v1', '');
+    end if;
+end $$;
+
+-- The watched columns of a row image, as a small jsonb object (null when nothing is watched).
+create or replace function cdc.pick_v1(row_image jsonb, columns text[]) returns jsonb
+language sql immutable as $$
+    select case when row_image is null or cardinality(columns) = 0 then null
+                else (select jsonb_object_agg(c, row_image -> c) from unnest(columns) as c) end
+$$;
+
+-- Row-level capture. TG_ARGV: business column, id column, watched columns (a text[] literal).
+create or replace function cdc.capture_v1() returns trigger
+language plpgsql as $$
+declare
+    business_col text := tg_argv[0];
+    id_col       text := tg_argv[1];
+    watched      text[] := tg_argv[2]::text[];
+    new_image    jsonb;
+    old_image    jsonb;
+    new_business text;
+    old_business text;
+    table_ref    text := tg_table_schema || '.' || tg_table_name;
+begin
+    if tg_op <> 'DELETE' then
+        new_image := to_jsonb(new);
+        new_business := new_image ->> business_col;
+    end if;
+    if tg_op <> 'INSERT' then
+        old_image := to_jsonb(old);
+        old_business := old_image ->> business_col;
+    end if;
+    -- A row with no business belongs to no dashboard (e.g. an unattributed webhook kept for audit).
+    if coalesce(new_business, old_business) is not null then
+        insert into cdc.change_log (table_name, op, business_id, row_id, old_values, new_values)
+        values (table_ref, tg_op, coalesce(new_business, old_business),
+                coalesce(new_image, old_image) ->> id_col,
+                cdc.pick_v1(old_image, watched), cdc.pick_v1(new_image, watched));
+    end if;
+    -- An update that moves a row to another business informs the business it left too.
+    if tg_op = 'UPDATE' and old_business is not null and old_business is distinct from new_business then
+        insert into cdc.change_log (table_name, op, business_id, row_id, old_values, new_values)
+        values (table_ref, 'UPDATE', old_business, old_image ->> id_col, cdc.pick_v1(old_image, watched), null);
+    end if;
+    perform cdc.wake_v1();
+    return null;
+end $$;
+
+-- TRUNCATE removes rows without row images: record one change with no business; the listener turns it into
+-- a resync for every dashboard.
+create or replace function cdc.capture_truncate_v1() returns trigger
+language plpgsql as $$
+begin
+    insert into cdc.change_log (table_name, op) values (tg_table_schema || '.' || tg_table_name, 'TRUNCATE');
+    perform cdc.wake_v1();
+    return null;
+end $$;
+
+create or replace function cdc.track(
+    target regclass,
+    business_column text default 'business_id',
+    id_column text default 'id',
+    watch_columns text[] default '{}'
+) returns void
+language plpgsql as $$
+declare
+    table_ref text;
+    missing   text;
+begin
+    select n.nspname || '.' || c.relname into table_ref
+      from pg_class c join pg_namespace n on n.oid = c.relnamespace where c.oid = target;
+    select col into missing
+      from unnest(array[business_column, id_column] || watch_columns) as col
+     where not exists (select 1 from pg_attribute a
+                        where a.attrelid = target and a.attname = col and a.attnum > 0 and not a.attisdropped)
+     limit 1;
+    if missing is not null then
+        raise exception 'cdc.track: table % has no column "%"', table_ref, missing
+            using errcode = 'undefined_column',
+                  hint = 'name the column that holds the business key with business_column => ''...''';
+    end if;
+    execute format('drop trigger if exists cdc_capture_v1 on %s', target);
+    execute format('drop trigger if exists cdc_capture_truncate_v1 on %s', target);
+    execute format('create trigger cdc_capture_v1 after insert or update or delete on %s for each row '
+                   'execute function cdc.capture_v1(%L, %L, %L)',
+                   target, business_column, id_column, watch_columns::text);
+    execute format('create trigger cdc_capture_truncate_v1 after truncate on %s for each statement '
+                   'execute function cdc.capture_truncate_v1()', target);
+    insert into cdc.tracked_tables (table_name, business_column, id_column, watch_columns)
+    values (table_ref, business_column, id_column, watch_columns)
+    on conflict (table_name) do update
+       set business_column = excluded.business_column, id_column = excluded.id_column,
+           watch_columns = excluded.watch_columns, tracked_at = now();
+end $$;
+
+create or replace function cdc.untrack(target regclass) returns void
+language plpgsql as $$
+begin
+    execute format('drop trigger if exists cdc_capture_v1 on %s', target);
+    execute format('drop trigger if exists cdc_capture_truncate_v1 on %s', target);
+    delete from cdc.tracked_tables t
+     using pg_class c join pg_namespace n on n.oid = c.relnamespace
+     where c.oid = target and t.table_name = n.nspname || '.' || c.relname;
+end $$;

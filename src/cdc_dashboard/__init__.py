@@ -1,0 +1,7 @@
+"""cdc-dashboard: realtime payments dashboards on PostgreSQL change data capture."""
+
+from __future__ import annotations
+
+__all__ = ["__version__"]
+
+__version__ = "0.1.0"

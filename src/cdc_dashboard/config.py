@@ -1,0 +1,70 @@
+"""Settings from `CDC_*` environment variables (and `.env`), validated once at start-up.
+
+A wrong value must stop the program with one line that names the variable; `load_settings` turns pydantic's
+ValidationError into a `ConfigError` whose message is that line.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["ConfigError", "Settings", "load_settings"]
+
+
+# Values never echoed back in an error: they are secrets.
+_SENSITIVE = {"secret", "paystack_secret_key", "mpesa_callback_token", "database_url"}
+
+
+class ConfigError(Exception):
+    """A configuration value is missing or wrong; the message is one line meant for the operator."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CDC_", env_file=".env", extra="ignore")
+
+    database_url: str | None = Field(default=None, description="PostgreSQL URL; unset: `run` embeds one")
+    http_host: str = "127.0.0.1"
+    http_port: int = Field(default=8000, ge=0, le=65535)
+    secret: str | None = Field(default=None, description="HS256 key that signs dashboard tokens")
+    paystack_secret_key: str | None = None
+    mpesa_callback_token: str | None = None
+    sse_ping_seconds: float = Field(default=15.0, gt=0)
+    max_connections: int = Field(default=20000, ge=1)
+    event_retention_days: float = Field(default=7.0, gt=0)
+    state_dir: str = Field(default=".cdc", description="where `run` keeps the embedded database and secret")
+    log_level: str = "INFO"
+
+    @field_validator("database_url")
+    @classmethod
+    def _postgres_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("postgresql://", "postgres://")):
+            raise ValueError("must start with postgresql:// (for example postgresql://user@host:5432/db)")
+        return value
+
+    @field_validator("secret")
+    @classmethod
+    def _long_enough(cls, value: str | None) -> str | None:
+        if value is not None and len(value) < 32:
+            raise ValueError("must be at least 32 characters (HS256 key)")
+        return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_level(cls, value: str) -> str:
+        level = value.upper()
+        if level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+            raise ValueError("must be one of DEBUG, INFO, WARNING, ERROR")
+        return level
+
+
+def load_settings() -> Settings:
+    """Read the environment; raise ConfigError with one line per the first wrong variable."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = str(first["loc"][0]) if first["loc"] else "?"
+        message = str(first["msg"]).removeprefix("Value error, ")
+        shown = "" if field in _SENSITIVE else f" (got {first.get('input')!r})"
+        raise ConfigError(f"CDC_{field.upper()}: {message}{shown}") from None

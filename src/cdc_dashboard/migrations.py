@@ -1,0 +1,112 @@
+"""`db apply` and `db status`: versioned schema migrations, the capture SQL, and the default tracking.
+
+- `sql/schema/NNNN_*.sql` are applied once each, in order, each in its own transaction, and recorded with a
+  sha256 checksum. A recorded file whose content changed is refused: an applied migration is history.
+- `sql/triggers/install.sql` is idempotent (a DBA may run it with psql too); it is re-run whenever it is
+  missing from the database or its checksum differs from the one recorded.
+- The four payment tables are tracked when they are not already.
+
+Concurrent `db apply` runs (several replicas deploying at once) serialise on an advisory lock.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from .db import connect_sync
+from .errors import UserError
+from .sqlfiles import queries, sql_dir
+
+__all__ = ["DEFAULT_TRACKED", "AppliedMigration", "apply", "status"]
+
+CAPTURE_VERSION = "triggers/install.sql"
+
+# table -> (business column, watched columns): what `db apply` tracks. Payment status is watched so the
+# listener can tell when a payment became completed (toasts) without reading the row back.
+DEFAULT_TRACKED: dict[str, tuple[str, list[str]]] = {
+    "public.payments": ("business_id", ["status"]),
+    "public.payment_transactions": ("business_id", []),
+    "public.client_business_transactions": ("business_id", []),
+    "public.bookings": ("business_id", ["status", "payment_status"]),
+}
+
+
+@dataclass(frozen=True)
+class AppliedMigration:
+    version: str
+    checksum: str
+    applied_at: datetime
+
+
+def _checksum(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def schema_files() -> list[Path]:
+    return sorted((sql_dir() / "schema").glob("[0-9][0-9][0-9][0-9]_*.sql"))
+
+
+def _applied(conn: psycopg.Connection[Any]) -> dict[str, AppliedMigration]:
+    rows = conn.execute(queries("migrations")["applied"]).fetchall()
+    return {r[0]: AppliedMigration(r[0], r[1], r[2]) for r in rows}
+
+
+def _run_file(conn: psycopg.Connection[Any], path: Path, version: str) -> None:
+    q = queries("migrations")
+    try:
+        with conn.transaction():
+            conn.execute(path.read_text())
+            conn.execute(q["record"], (version, _checksum(path)))
+    except psycopg.Error as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"{version} failed and was rolled back: {first_line}") from None
+
+
+def apply(url: str) -> list[str]:
+    """Bring the database up to date; return what was done (empty when it already was)."""
+    q = queries("migrations")
+    done: list[str] = []
+    with connect_sync(url) as conn:
+        conn.execute(q["lock"])
+        try:
+            conn.execute(q["create_migrations_table"])
+            applied = _applied(conn)
+            for path in schema_files():
+                known = applied.get(path.name)
+                if known is None:
+                    _run_file(conn, path, path.name)
+                    done.append(f"applied {path.name}")
+                elif known.checksum != _checksum(path):
+                    raise UserError(
+                        f"sql/schema/{path.name} changed after it was applied (checksum differs); "
+                        "applied migrations are history: restore the file and add a new migration instead"
+                    )
+            install = sql_dir() / "triggers" / "install.sql"
+            installed = conn.execute(q["capture_installed"]).fetchone()
+            recorded = applied.get(CAPTURE_VERSION)
+            if not (installed and installed[0]) or recorded is None or recorded.checksum != _checksum(install):
+                _run_file(conn, install, CAPTURE_VERSION)
+                done.append("installed capture (triggers/install.sql)")
+            for table, (business_column, watched) in DEFAULT_TRACKED.items():
+                tracked = conn.execute(q["is_tracked"], (table, table)).fetchone()
+                if not (tracked and tracked[0]):
+                    conn.execute(q["track"], (table, business_column, watched))
+                    done.append(f"tracking {table}")
+        finally:
+            conn.execute(q["unlock"])
+    return done
+
+
+def status(url: str) -> tuple[list[AppliedMigration], list[str]]:
+    """Applied migrations, and the schema files not applied yet."""
+    with connect_sync(url) as conn:
+        exists = conn.execute(queries("migrations")["migrations_table_exists"]).fetchone()
+        applied = _applied(conn) if exists and exists[0] else {}
+    pending = [p.name for p in schema_files() if p.name not in applied]
+    return sorted(applied.values(), key=lambda m: m.version), pending
