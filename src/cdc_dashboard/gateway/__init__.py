@@ -1,0 +1,1 @@
+"""The SSE gateway and HTTP API (`cdc-dashboard serve`)."""

@@ -1,0 +1,9 @@
+"""Gateway routes: figures (filled in by its own change; the app mounts `routes`)."""
+
+from __future__ import annotations
+
+from starlette.routing import BaseRoute
+
+__all__ = ["routes"]
+
+routes: list[BaseRoute] = []
