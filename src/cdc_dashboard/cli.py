@@ -44,6 +44,17 @@ def cmd_db_status(args: argparse.Namespace, settings: Settings) -> int:
     return 1 if pending else 0
 
 
+def cmd_listen(args: argparse.Namespace, settings: Settings) -> int:
+    import asyncio
+
+    from .listener import EnhancedRealtimeManager, run_until_signalled
+    from .logs import configure_logging
+
+    configure_logging(settings.log_level)
+    asyncio.run(run_until_signalled(EnhancedRealtimeManager(_require_url(settings), settings)))
+    return 0
+
+
 def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     from .demo_run import run_demo
 
@@ -61,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
         handler=cmd_db_apply
     )
     db_commands.add_parser("status", help="list applied and pending migrations").set_defaults(handler=cmd_db_status)
+
+    commands.add_parser(
+        "listen", help="the listener daemon: captured changes -> events and fresh aggregates (systemd Type=notify)"
+    ).set_defaults(handler=cmd_listen)
 
     run = commands.add_parser("run", help="zero-setup demo: embedded PostgreSQL, demo data, live dashboard")
     run.add_argument("--seed", type=int, default=254, help="demo data seed (default 254)")

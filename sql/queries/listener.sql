@@ -1,0 +1,82 @@
+-- Queries of the listener daemon (EnhancedRealtimeManager).
+
+-- try_leadership --
+-- Held for the life of the leader's dedicated connection; a standby retries it every second.
+select pg_try_advisory_lock(4242000004)
+
+-- consume_changes --
+-- The change log is a queue: consuming deletes, in the same transaction that appends the events. A writer
+-- that commits late still has its rows here; nothing can be skipped by a cursor moving past it.
+with batch as (
+    select id from cdc.change_log order by id limit $1 for update skip locked
+)
+delete from cdc.change_log c using batch where c.id = batch.id
+returning c.id, c.table_name, c.op, c.business_id, c.row_id, c.old_values, c.new_values, c.captured_at
+
+-- toast_payments --
+select p.id::text, p.amount_minor, p.currency, p.method, c.name as client_name, p.status
+  from payments p left join clients c on c.id = p.client_id
+ where p.id = any($1::uuid[]) and p.status = 'completed'
+
+-- rebuild_aggregates --
+select dashboard.rebuild_aggregates_v1($1::uuid[])
+
+-- all_business_ids --
+select array_agg(id) from businesses
+
+-- append_events --
+select dashboard.append_events_v1($1::text[], $2::text[], $3::jsonb[])
+
+-- dead_letter --
+insert into dashboard.dead_letters (change, reason) values ($1::jsonb, $2)
+
+-- record_progress --
+update dashboard.listener_state
+   set last_change_id = greatest(last_change_id, $1), last_change_at = $2, heartbeat_at = now(), state = $3
+
+-- record_state --
+update dashboard.listener_state
+   set state = $1, node = $2, heartbeat_at = now(),
+       started_at = case when $1 = 'catching_up' and started_at is null then now() else started_at end
+
+-- record_error --
+update dashboard.listener_state
+   set last_error = $1, last_error_at = now(), reconnects = reconnects + 1
+
+-- heartbeat --
+update dashboard.listener_state set heartbeat_at = now(), state = $1
+
+-- announce_sleep --
+-- Writers NOTIFY only while this is in the future (cdc.wake_v1); renewed at every probe.
+update cdc.wake_state set sleeping_until = now() + make_interval(secs => $1)
+
+-- announce_awake --
+update cdc.wake_state set sleeping_until = null
+
+-- writers_settled --
+-- True when no open transaction can have read the old sleep announcement: writers hold this lock shared
+-- from their first change until they commit. Never waits.
+select case when pg_try_advisory_lock(4242000001) then pg_advisory_unlock(4242000001) else false end
+
+-- prune_events --
+with doomed as (
+    select id from dashboard.events
+     where created_at < now() - make_interval(secs => $1)
+     order by id limit $2
+), deleted as (
+    delete from dashboard.events e using doomed where e.id = doomed.id returning e.id
+), mark as (
+    update dashboard.listener_state set pruned_through = greatest(pruned_through, (select max(id) from deleted))
+     where exists (select 1 from deleted)
+)
+select count(*) from deleted
+
+-- backlog --
+select count(*)::bigint as backlog,
+       extract(epoch from now() - min(captured_at))::float8 as lag_seconds
+  from cdc.change_log
+
+-- oldest_open_transaction --
+select extract(epoch from now() - min(xact_start))::float8
+  from pg_stat_activity
+ where backend_xid is not null and pid <> pg_backend_pid()

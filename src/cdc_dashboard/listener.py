@@ -1,0 +1,363 @@
+"""The listener daemon (`cdc-dashboard listen`), a.k.a. the EnhancedRealtimeManager.
+
+Life of the loop, on every (re)connect:
+  1. leadership: a session advisory lock on a dedicated connection; without it, wait as a hot standby.
+  2. LISTEN on `cdc_wake_v1` first, then catch up: consume the change log until it is empty.
+  3. live: consume batches while there are changes; when there are none, announce sleep (so writers start
+     to NOTIFY), make sure no writer that missed the announcement is still open, look once more, and wait
+     for a wake-up or the probe interval.
+Each batch is one transaction: delete the changes, rebuild the touched businesses' aggregates, append
+their events (which NOTIFYs the gateways once). A failure anywhere rolls the batch back; the changes stay in
+the log for the next attempt, so a crash, a cut connection or a PostgreSQL restart loses nothing.
+
+Reconnects back off exponentially with jitter and never give up. A quiet connection is probed every few
+seconds with a timeout, so a dead one is noticed within 10 s even when TCP says nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import socket
+import uuid
+
+import asyncpg
+
+from .backoff import Backoff
+from .changes import BatchPlan, Change, plan_batch
+from .config import Settings
+from .events import ToastPayment
+from .sqlfiles import queries
+from .systemd import Notifier
+
+__all__ = ["EnhancedRealtimeManager", "connect", "run_until_signalled"]
+
+log = logging.getLogger("cdc_dashboard.listener")
+
+WAKE_CHANNEL = "cdc_wake_v1"
+
+# Failures that mean "the connection or the server is gone": reconnect. Anything else is a bug and stops the
+# process loudly, so systemd restarts it.
+CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    asyncio.TimeoutError,
+    asyncpg.exceptions.ConnectionDoesNotExistError,
+    asyncpg.exceptions.InterfaceError,
+    asyncpg.exceptions.PostgresConnectionError,
+    asyncpg.exceptions.AdminShutdownError,
+    asyncpg.exceptions.CannotConnectNowError,
+    asyncpg.exceptions.CrashShutdownError,
+    asyncpg.exceptions.TooManyConnectionsError,
+    asyncpg.exceptions.InvalidCatalogNameError,
+    asyncpg.exceptions.InternalClientError,
+)
+
+
+class LostLeadership(Exception):
+    """The leadership connection died: another listener may be active now."""
+
+
+RECONNECT_ERRORS: tuple[type[BaseException], ...] = (*CONNECTION_ERRORS, LostLeadership)
+
+
+async def connect(url: str, *, application_name: str, timeout: float = 10.0) -> asyncpg.Connection:
+    """A connection of its own (never from a pool), with server-side TCP keepalives so PostgreSQL drops a
+    dead client (and releases its advisory locks) within about 10 seconds."""
+    conn: asyncpg.Connection = await asyncpg.connect(
+        url,
+        timeout=timeout,
+        command_timeout=30,
+        server_settings={
+            "application_name": application_name,
+            "tcp_keepalives_idle": "5",
+            "tcp_keepalives_interval": "2",
+            "tcp_keepalives_count": "3",
+        },
+    )
+    return conn
+
+
+class EnhancedRealtimeManager:
+    """The listener. `await run()` until `stop()`; `ready` is set once LISTENing and caught up."""
+
+    batch_size = 5000
+    probe_interval = 4.0  # seconds of quiet before a probe; probe timeout below: detection < 10 s
+    probe_timeout = 4.0
+    standby_poll = 1.0
+    sleep_announcement = 60.0  # writers stop notifying this long after a listener vanished
+    prune_every = 60.0
+    prune_batch = 10000
+
+    def __init__(self, database_url: str, settings: Settings, *, notifier: Notifier | None = None) -> None:
+        self._url = database_url
+        self._retention_seconds = settings.event_retention_days * 86400
+        self._q = queries("listener")
+        self._notifier = notifier or Notifier()
+        self._stopping = asyncio.Event()
+        self._wake = asyncio.Event()
+        self.ready = asyncio.Event()
+        self.node = f"{socket.gethostname()}:{os.getpid()}"
+        self._state = "connecting"
+        self._reconnects = 0
+        self._last_error: str | None = None
+        self._events_appended = 0
+        self._changes_consumed = 0
+        self._last_prune = 0.0
+        self._lock_conn: asyncpg.Connection | None = None
+        self._conn: asyncpg.Connection | None = None
+
+    # -- public -------------------------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Finish the current batch, then return from run()."""
+        self._stopping.set()
+        self._wake.set()
+
+    def status(self) -> dict[str, object]:
+        return {
+            "state": self._state,
+            "node": self.node,
+            "reconnects": self._reconnects,
+            "last_error": self._last_error,
+            "changes_consumed": self._changes_consumed,
+            "events_appended": self._events_appended,
+        }
+
+    async def run(self) -> None:
+        backoff = Backoff(initial=0.1, cap=10.0)
+        while not self._stopping.is_set():
+            try:
+                await self._session()
+                backoff.reset()
+            except RECONNECT_ERRORS as exc:
+                self._reconnects += 1
+                self._last_error = f"{type(exc).__name__}: {exc}"[:500]
+                self._state = "connecting"
+                delay = backoff.next_delay()
+                log.warning(
+                    "listener connection lost; reconnecting",
+                    extra={"error": self._last_error, "retry_in": round(delay, 3), "attempt": backoff.attempts},
+                )
+                self._notifier.status(f"reconnecting: {self._last_error}")
+                await self._close()
+                await self._interruptible_sleep(delay)
+            finally:
+                if self._stopping.is_set():
+                    await self._shutdown()
+        await self._close()
+
+    # -- one connected session ----------------------------------------------------------------------------
+
+    async def _session(self) -> None:
+        self._state = "connecting"
+        self._lock_conn = await connect(self._url, application_name="cdc-dashboard listener (leader lock)")
+        await self._wait_for_leadership(self._lock_conn)
+        if self._stopping.is_set():
+            return
+        conn = self._conn = await connect(self._url, application_name="cdc-dashboard listener")
+        await conn.add_listener(WAKE_CHANNEL, self._on_wake)
+        if self._reconnects:
+            await conn.execute(self._q["record_error"], self._last_error)
+        await self._set_state(conn, "catching_up")
+        caught_up = await self._drain(conn)
+        await self._set_state(conn, "live")
+        log.info("listener live", extra={"caught_up_changes": caught_up, "node": self.node})
+        if not self.ready.is_set():
+            self.ready.set()
+            self._notifier.ready("live")
+        else:
+            self._notifier.status("live")
+        await self._live(conn)
+
+    async def _wait_for_leadership(self, lock_conn: asyncpg.Connection) -> None:
+        announced = False
+        while not self._stopping.is_set():
+            if await lock_conn.fetchval(self._q["try_leadership"], timeout=self.probe_timeout):
+                if announced:
+                    log.info("standby taking over as the active listener", extra={"node": self.node})
+                return
+            if not announced:
+                self._state = "standby"
+                log.info("another listener is active; waiting as hot standby", extra={"node": self.node})
+                # A standby is a healthy, started service: systemd should not time it out.
+                if not self.ready.is_set():
+                    self.ready.set()
+                    self._notifier.ready("standby")
+                announced = True
+            self._notifier.watchdog()
+            await self._interruptible_sleep(self.standby_poll)
+
+    async def _live(self, conn: asyncpg.Connection) -> None:
+        settle_wait = 0.005
+        while not self._stopping.is_set():
+            self._notifier.watchdog()
+            if await self._consume(conn):
+                continue
+            await self._maybe_prune(conn)
+            # Quiet: announce sleep, then make sure every writer that might have read "awake" has finished.
+            await conn.execute(self._q["announce_sleep"], self.sleep_announcement)
+            if not await conn.fetchval(self._q["writers_settled"], timeout=self.probe_timeout):
+                # A writer is mid-transaction and may not notify: look again shortly instead of sleeping.
+                await self._wait_wake(settle_wait)
+                settle_wait = min(settle_wait * 2, 0.5)
+                await conn.execute(self._q["announce_awake"])
+                continue
+            settle_wait = 0.005
+            if await self._consume(conn):
+                await conn.execute(self._q["announce_awake"])
+                continue
+            woken = await self._wait_wake(self.probe_interval)
+            await conn.execute(self._q["announce_awake"], timeout=self.probe_timeout)
+            if not woken:
+                await self._probe(conn)
+
+    async def _probe(self, conn: asyncpg.Connection) -> None:
+        """Quiet for a while: prove both connections alive (a dead one raises or times out) and beat."""
+        await conn.execute(self._q["heartbeat"], "live", timeout=self.probe_timeout)
+        assert self._lock_conn is not None
+        try:
+            await self._lock_conn.fetchval("select 1", timeout=self.probe_timeout)
+        except CONNECTION_ERRORS as exc:
+            raise LostLeadership(f"leadership connection lost: {exc}") from exc
+
+    async def _drain(self, conn: asyncpg.Connection) -> int:
+        total = 0
+        while not self._stopping.is_set():
+            consumed = await self._consume(conn)
+            total += consumed
+            if consumed < self.batch_size:
+                return total
+        return total
+
+    # -- one batch ----------------------------------------------------------------------------------------
+
+    async def _consume(self, conn: asyncpg.Connection) -> int:
+        """Consume up to batch_size changes in one transaction; return how many."""
+        async with conn.transaction():
+            records = await conn.fetch(self._q["consume_changes"], self.batch_size, timeout=30)
+            if not records:
+                return 0
+            plan = plan_batch([Change.from_record(r) for r in records])
+            toasts = await self._toasts(conn, plan)
+            await self._rebuild_aggregates(conn, plan)
+            for change, reason in plan.dead_letters:
+                await conn.execute(self._q["dead_letter"], json.dumps(change.as_json()), reason)
+                log.error("change set aside in dead_letters", extra={"change_id": change.id, "reason": reason})
+            business_ids, kinds, payloads = plan.events(toasts)
+            if kinds:
+                await conn.fetchval(self._q["append_events"], business_ids, kinds, payloads)
+            await conn.execute(self._q["record_progress"], plan.last_change_id, plan.last_captured_at, self._state)
+        self._changes_consumed += len(records)
+        self._events_appended += len(kinds)
+        return len(records)
+
+    async def _toasts(self, conn: asyncpg.Connection, plan: BatchPlan) -> dict[str, ToastPayment]:
+        ids = [i for i in plan.toast_ids() if _is_uuid(i)]
+        if not ids:
+            return {}
+        rows = await conn.fetch(self._q["toast_payments"], ids)
+        return {
+            r["id"]: {
+                "id": r["id"],
+                "amount_minor": r["amount_minor"],
+                "currency": r["currency"],
+                "method": r["method"],
+                "client_name": r["client_name"],
+                "status": r["status"],
+            }
+            for r in rows
+        }
+
+    async def _rebuild_aggregates(self, conn: asyncpg.Connection, plan: BatchPlan) -> None:
+        if plan.resync_tables:
+            ids = await conn.fetchval(self._q["all_business_ids"]) or []
+        else:
+            ids = plan.aggregate_business_ids()
+        if ids:
+            await conn.execute(self._q["rebuild_aggregates"], ids)
+
+    # -- housekeeping -------------------------------------------------------------------------------------
+
+    async def _maybe_prune(self, conn: asyncpg.Connection) -> None:
+        loop = asyncio.get_running_loop()
+        if loop.time() - self._last_prune < self.prune_every:
+            return
+        self._last_prune = loop.time()
+        while not self._stopping.is_set():
+            deleted = await conn.fetchval(self._q["prune_events"], self._retention_seconds, self.prune_batch)
+            if deleted:
+                log.info("pruned old events", extra={"deleted": deleted})
+            if deleted < self.prune_batch:
+                return
+
+    async def _set_state(self, conn: asyncpg.Connection, state: str) -> None:
+        self._state = state
+        await conn.execute(self._q["record_state"], state, self.node)
+
+    async def _shutdown(self) -> None:
+        """Clean stop: writers must not keep notifying a listener that is gone."""
+        self._notifier.stopping()
+        conn = self._conn
+        if conn is not None and not conn.is_closed():
+            try:
+                await conn.execute(self._q["announce_awake"], timeout=2)
+                await conn.execute(self._q["heartbeat"], "stopped", timeout=2)
+            except (*CONNECTION_ERRORS, asyncpg.PostgresError):
+                pass  # nothing more to do: the next listener resets both
+        self._state = "stopped"
+        log.info("listener stopped", extra={"node": self.node})
+
+    async def _close(self) -> None:
+        for conn in (self._conn, self._lock_conn):
+            if conn is not None and not conn.is_closed():
+                try:
+                    await asyncio.wait_for(conn.close(), timeout=2)
+                except (*CONNECTION_ERRORS, asyncpg.PostgresError):
+                    conn.terminate()
+        self._conn = self._lock_conn = None
+
+    # -- waiting ------------------------------------------------------------------------------------------
+
+    def _on_wake(self, *_: object) -> None:
+        self._wake.set()
+
+    async def _wait_wake(self, timeout: float) -> bool:
+        """Wait for a NOTIFY (or stop()); a wake-up that came while we were busy counts at once."""
+        try:
+            await asyncio.wait_for(self._wake.wait(), timeout)
+            return True
+        except TimeoutError:
+            return False
+        finally:
+            self._wake.clear()
+            if self._stopping.is_set():
+                self._wake.set()  # stop() is sticky: every later wait returns at once
+
+    async def _interruptible_sleep(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), seconds)
+
+
+def _is_uuid(value: str) -> bool:
+    try:
+        uuid.UUID(value)
+    except ValueError:
+        return False
+    return True
+
+
+async def run_until_signalled(manager: EnhancedRealtimeManager) -> None:
+    """Run the manager; SIGTERM/SIGINT stop it after the current batch."""
+    import signal
+
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, manager.stop)
+    try:
+        await manager.run()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)

@@ -1,0 +1,194 @@
+"""The listener against a real PostgreSQL: delivery, ordering, no loss across cuts, dead letters."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from typing import Any
+
+import psycopg
+import pytest
+
+from ..listening import event_rows, payment_ids_in_events, running_listener, wait_for
+
+
+def new_business(conn: psycopg.Connection[Any], name: str = "Salon") -> str:
+    business = str(uuid.uuid4())
+    conn.execute("insert into businesses (id, name) values (%s, %s)", (business, name))
+    return business
+
+
+def pay(conn: psycopg.Connection[Any], business: str, amount: int = 150000, status: str = "completed") -> str:
+    payment = str(uuid.uuid4())
+    conn.execute(
+        "insert into payments (id, business_id, amount_minor, currency, method, status)"
+        " values (%s, %s, %s, 'KES', 'mpesa', %s)",
+        (payment, business, amount, status),
+    )
+    return payment
+
+
+def payload(event: dict[str, Any]) -> dict[str, Any]:
+    p = event["payload"]
+    return p if isinstance(p, dict) else dict(json.loads(p))
+
+
+async def test_payment_becomes_event_with_keys_toast_and_fresh_aggregates(db_url: str) -> None:
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        business = new_business(conn)
+        client = conn.execute("insert into clients (name) values ('Achieng') returning id::text").fetchone()
+        assert client is not None
+        async with running_listener(db_url):
+            payment = str(uuid.uuid4())
+            conn.execute(
+                "insert into payments (id, business_id, client_id, amount_minor, currency, method, status)"
+                " values (%s, %s, %s, 150000, 'KES', 'mpesa', 'completed')",
+                (payment, business, client[0]),
+            )
+            events = await wait_for(lambda: [e for e in event_rows(db_url) if e["business_id"] == business])
+        data = payload(events[0])
+        assert data["changes"] == [{"table": "payments", "op": "INSERT", "id": payment}]
+        assert ["dashboard-stats", business] in data["query_keys"]
+        assert len(data["query_keys"]) == 7
+        assert data["payments"] == [
+            {
+                "id": payment,
+                "amount_minor": 150000,
+                "currency": "KES",
+                "method": "mpesa",
+                "client_name": "Achieng",
+                "status": "completed",
+            }
+        ]
+        # The aggregates were rebuilt in the same transaction that appended the event.
+        row = conn.execute(
+            "select sum(revenue_minor) from dashboard.revenue_daily where business_id = %s", (business,)
+        ).fetchone()
+        assert row == (150000,)
+        state = conn.execute("select state, last_event_id from dashboard.listener_state").fetchone()
+        assert state == ("stopped", events[-1]["id"])
+
+
+async def test_wakes_on_notify_not_on_a_poll(db_url: str) -> None:
+    """When quiet the listener sleeps (probe interval 30 s here): only the writers' NOTIFY can wake it."""
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        business = new_business(conn)
+        async with running_listener(db_url, probe_interval=30.0):
+            await asyncio.sleep(0.3)  # let it go to sleep
+            sleeping = conn.execute("select sleeping_until > now() from cdc.wake_state").fetchone()
+            assert sleeping == (True,)
+            started = time.monotonic()
+            pay(conn, business)
+            await wait_for(lambda: event_rows(db_url), timeout=5, interval=0.005)
+            assert time.monotonic() - started < 2.0
+        # A clean stop withdraws the announcement, so writers stop notifying.
+        assert conn.execute("select sleeping_until from cdc.wake_state").fetchone() == (None,)
+
+
+async def test_out_of_order_commits_are_both_delivered_in_commit_order(db_url: str) -> None:
+    with psycopg.connect(db_url, autocommit=True) as setup:
+        b = new_business(setup)
+    async with running_listener(db_url):
+        with psycopg.connect(db_url) as a, psycopg.connect(db_url, autocommit=True) as c:
+            first = pay(a, b, 100)  # A writes first, stays open
+            second = pay(c, b, 200)  # B writes and commits
+            await wait_for(lambda: second in payment_ids_in_events(db_url))
+            assert first not in payment_ids_in_events(db_url)
+            a.commit()  # A commits last
+            await wait_for(lambda: first in payment_ids_in_events(db_url))
+    assert payment_ids_in_events(db_url) == [second, first]
+
+
+async def test_update_moving_a_row_informs_both_businesses(db_url: str) -> None:
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        b1, b2 = new_business(conn), new_business(conn)
+        payment = pay(conn, b1)
+        async with running_listener(db_url):
+            after = event_rows(db_url)[-1]["id"]
+            conn.execute("update payments set business_id = %s where id = %s", (b2, payment))
+            events = await wait_for(lambda: len(event_rows(db_url, after)) >= 2 and event_rows(db_url, after))
+        assert {e["business_id"] for e in events} == {b1, b2}
+
+
+async def test_truncate_makes_every_dashboard_resync(db_url: str) -> None:
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        b = new_business(conn)
+        pay(conn, b)
+        async with running_listener(db_url):
+            conn.execute("truncate payments cascade")
+            events = await wait_for(lambda: [e for e in event_rows(db_url) if e["kind"] == "resync"])
+            assert events[0]["business_id"] is None
+            total = conn.execute("select count(*) from dashboard.revenue_daily where business_id = %s", (b,))
+            assert total.fetchone() == (0,)
+
+
+async def test_bad_change_goes_to_dead_letters_and_the_loop_goes_on(db_url: str) -> None:
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        b = new_business(conn)
+        async with running_listener(db_url):
+            conn.execute(
+                "insert into cdc.change_log (table_name, op, business_id) values ('public.payments', 'INSERT', null)"
+            )
+            good = pay(conn, b)
+            await wait_for(lambda: good in payment_ids_in_events(db_url))
+        letters = conn.execute("select reason, change->>'op' from dashboard.dead_letters").fetchall()
+        assert letters == [("INSERT on public.payments carries no business key", "INSERT")]
+
+
+async def test_terminated_connections_lose_nothing(db_url: str) -> None:
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        b = new_business(conn)
+        amounts: list[int] = []
+
+        def delivered() -> int:
+            return sum(payload(e)["change_count"] for e in event_rows(db_url) if e["business_id"] == b)
+
+        async with running_listener(db_url) as manager:
+            for round_ in range(4):
+                for i in range(50):
+                    amounts.append(100 * round_ + i)
+                    pay(conn, b, amounts[-1])
+                    if i == 25:
+                        conn.execute(
+                            "select pg_terminate_backend(pid) from pg_stat_activity"
+                            " where application_name like 'cdc-dashboard listener%'"
+                        )
+                await asyncio.sleep(0.05 * round_)
+            await wait_for(lambda: delivered() >= len(amounts), timeout=30)
+            assert manager.status()["reconnects"] >= 1
+        assert delivered() == len(amounts), "each change delivered exactly once"
+        revenue = conn.execute("select sum(revenue_minor) from dashboard.revenue_daily where business_id = %s", (b,))
+        assert revenue.fetchone() == (sum(amounts),)
+        state = conn.execute("select reconnects, last_error is not null from dashboard.listener_state").fetchone()
+        assert state is not None and state[0] >= 1 and state[1]
+
+
+async def test_burst_of_10000_changes_in_order(db_url: str) -> None:
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        businesses = [new_business(conn, f"B{i}") for i in range(10)]
+        async with running_listener(db_url):
+            with conn.transaction():
+                conn.execute(
+                    "insert into payments (business_id, amount_minor, currency, method, status)"
+                    " select (%s::uuid[])[1 + g %% 10], g, 'KES', 'cash', 'completed' from generate_series(1, 10000) g",
+                    (businesses,),
+                )
+            await wait_for(lambda: conn.execute("select count(*) = 0 from cdc.change_log").fetchone() == (True,))
+        events = event_rows(db_url)
+        ids = [e["id"] for e in events]
+        assert ids == sorted(ids) and len(set(ids)) == len(ids)
+        assert sum(payload(e)["change_count"] for e in events) == 10000
+        revenue = conn.execute("select sum(revenue_minor) from dashboard.revenue_daily").fetchone()
+        assert revenue == (sum(range(1, 10001)),)
+
+
+@pytest.mark.parametrize("rounds", [1])
+async def test_catches_up_what_was_written_while_stopped(db_url: str, rounds: int) -> None:
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        b = new_business(conn)
+        offline = [pay(conn, b) for _ in range(50)]
+        async with running_listener(db_url):
+            # ready is set only after catch-up: everything written while stopped is already an event.
+            assert set(offline) <= set(payment_ids_in_events(db_url))
