@@ -55,6 +55,37 @@ def cmd_listen(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
+    from .gateway.app import serve
+    from .logs import configure_logging
+
+    if not settings.secret:
+        raise UserError("CDC_SECRET is not set: serve signs and checks dashboard tokens with it (32+ characters)")
+    url = _require_url(settings)
+    configure_logging(settings.log_level)
+    return serve(settings, url, with_listener=args.with_listener)
+
+
+def cmd_token(args: argparse.Namespace, settings: Settings) -> int:
+    from pathlib import Path
+
+    from .gateway.auth import create_token
+
+    secret = settings.secret
+    demo_secret = Path(settings.state_dir) / "secret"
+    if not secret and demo_secret.exists():
+        secret = demo_secret.read_text().strip()  # the one `run` generated
+    if not secret:
+        raise UserError("CDC_SECRET is not set: tokens are signed with it (the gateway must use the same one)")
+    if not args.business_ids and not args.admin:
+        raise UserError("name at least one BUSINESS_ID (or --admin for all businesses)")
+    try:
+        print(create_token(secret, args.business_ids, args.ttl, admin=args.admin))
+    except ValueError as exc:
+        raise UserError(f"cannot make a token: {exc} (business ids are UUIDs, --ttl is positive)") from None
+    return 0
+
+
 def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     from .demo_run import run_demo
 
@@ -76,6 +107,16 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser(
         "listen", help="the listener daemon: captured changes -> events and fresh aggregates (systemd Type=notify)"
     ).set_defaults(handler=cmd_listen)
+
+    serve = commands.add_parser("serve", help="the SSE gateway and HTTP API")
+    serve.add_argument("--with-listener", action="store_true", help="run the listener in the same process")
+    serve.set_defaults(handler=cmd_serve)
+
+    token = commands.add_parser("token", help="print a signed dashboard token for these businesses")
+    token.add_argument("business_ids", nargs="*", metavar="BUSINESS_ID", help="business UUIDs the token may see")
+    token.add_argument("--ttl", type=int, default=86400, metavar="SECONDS", help="lifetime (default 86400)")
+    token.add_argument("--admin", action="store_true", help="all businesses, plus /v1/status")
+    token.set_defaults(handler=cmd_token)
 
     run = commands.add_parser("run", help="zero-setup demo: embedded PostgreSQL, demo data, live dashboard")
     run.add_argument("--seed", type=int, default=254, help="demo data seed (default 254)")

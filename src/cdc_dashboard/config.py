@@ -31,6 +31,9 @@ class Settings(BaseSettings):
     mpesa_callback_token: str | None = None
     sse_ping_seconds: float = Field(default=15.0, gt=0)
     max_connections: int = Field(default=20000, ge=1)
+    sse_queue_size: int = Field(default=256, ge=1, description="events buffered per stream before it is cut")
+    sse_send_timeout_seconds: float = Field(default=30.0, gt=0, description="a stream whose send blocks longer is cut")
+    cors_origins: str = Field(default="", description="comma-separated origins allowed to call the API from browsers")
     event_retention_days: float = Field(default=7.0, gt=0)
     state_dir: str = Field(default=".cdc", description="where `run` keeps the embedded database and secret")
     log_level: str = "INFO"

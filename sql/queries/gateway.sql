@@ -1,0 +1,38 @@
+-- Queries of the SSE gateway (`cdc_dashboard.gateway`). Events are read by id: ids are committed in id order
+-- (append_events_v1 serialises appenders), so "id > position" never skips a late commit.
+
+-- hub_position --
+-- Where a starting gateway begins: the newest event, even when pruning emptied the table.
+select greatest(s.last_event_id, coalesce((select max(e.id) from dashboard.events e), 0)) as position
+from dashboard.listener_state s
+
+-- hub_catch_up --
+-- The next events after the hub's position, for every business; $2 bounds one batch.
+select id, business_id, kind, payload::text as payload, created_at
+from dashboard.events
+where id > $1
+order by id
+limit $2
+
+-- stream_replay --
+-- One page of a business's retained events after $1 (events without a business concern everyone), with the
+-- retention horizon read in the same snapshot: a page that starts after `pruned_through` has no gap.
+select s.pruned_through, s.last_event_id, e.id, e.kind, e.payload::text as payload
+from dashboard.listener_state s
+left join lateral (
+    select id, kind, payload
+    from dashboard.events
+    where id > $1 and (business_id = $2 or business_id is null)
+    order by id
+    limit $3
+) e on true
+order by e.id
+
+-- listener_state --
+-- The listener's bookkeeping row, for /v1/status.
+select state, node, last_event_id, last_change_id, last_change_at, pruned_through, reconnects, last_error,
+       last_error_at, heartbeat_at, started_at, now() - heartbeat_at as heartbeat_age
+from dashboard.listener_state
+
+-- ping --
+select 1

@@ -1,0 +1,187 @@
+"""The gateway application (`create_app`) and how `cdc-dashboard serve` runs it under uvicorn (`serve`).
+
+The app mounts its own routes (event streams, operations) and those of the figures, webhooks and page
+modules. Its lifespan opens the asyncpg pool (`app.state.pool`), starts the hub (one LISTEN connection for the
+whole process) and, with `with_listener`, the listener in the same process.
+
+Errors: an HTTPException becomes `{"error": reason}` with its status; anything else is a 500 with
+`{"error": "internal error"}` (the traceback goes to the log, never to the client).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import AsyncIterator, Callable
+from types import FrameType
+from typing import Any
+
+import asyncpg
+import uvicorn
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from ..config import Settings
+from . import figures, ops, page, streams, webhooks
+from .hub import Hub
+from .metrics import GatewayMetrics
+
+__all__ = ["create_app", "serve"]
+
+log = logging.getLogger(__name__)
+
+# uvicorn's graceful shutdown window: streams have ended by then (drain), so this only bounds stragglers;
+# with the lifespan shutdown after it the process exits well within 10 s of SIGTERM.
+GRACEFUL_SHUTDOWN_SECONDS = 5
+_CLOSE_TIMEOUT = 2.0
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    return JSONResponse({"error": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+
+
+async def _server_error(request: Request, exc: Exception) -> Response:
+    log.error("unhandled error", exc_info=exc, extra={"path": request.url.path})
+    return JSONResponse({"error": "internal error"}, status_code=500)
+
+
+def _cors(settings: Settings) -> list[Middleware]:
+    origins = [origin.strip() for origin in settings.cors_origins.split(",") if origin.strip()]
+    if not origins:
+        return []
+    return [
+        Middleware(
+            CORSMiddleware,
+            allow_origins=origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type", "Last-Event-ID"],
+            max_age=600,
+        )
+    ]
+
+
+def create_app(settings: Settings, database_url: str, *, with_listener: bool = False) -> Starlette:
+    """The gateway as an ASGI app; nothing connects until its lifespan starts."""
+    metrics = GatewayMetrics()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        app.state.settings = settings
+        app.state.metrics = metrics
+        app.state.listener = None
+        app.state.fatal = None
+        app.state.pool = await asyncpg.create_pool(
+            database_url, min_size=1, max_size=10, timeout=10, command_timeout=30
+        )
+        hub = Hub(database_url, metrics)
+        app.state.hub = hub
+        listener_task: asyncio.Task[None] | None = None
+        try:
+            await hub.start()
+            if with_listener:
+                listener_task = _start_listener(app, database_url, settings)
+            log.info("gateway started", extra={"node": hub.node, "position": hub.position})
+            yield
+        finally:
+            hub.drain()
+            if listener_task is not None:
+                app.state.listener.stop()
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(listener_task, timeout=_CLOSE_TIMEOUT * 2)
+            await hub.stop()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(app.state.pool.close(), timeout=_CLOSE_TIMEOUT)
+            log.info("gateway stopped")
+
+    uvicorn_log = logging.getLogger("uvicorn.error")
+    if not any(isinstance(f, _QuietCutFilter) for f in uvicorn_log.filters):
+        uvicorn_log.addFilter(_QuietCutFilter())
+    app = Starlette(
+        routes=[*streams.routes, *ops.routes, *figures.routes, *webhooks.routes, *page.routes],
+        middleware=_cors(settings),
+        exception_handlers={HTTPException: _http_error, Exception: _server_error},
+        lifespan=lifespan,
+    )
+    # Set before the lifespan too, so code that only holds the app (tests, `serve`) can read them.
+    app.state.settings = settings
+    app.state.metrics = metrics
+    app.state.on_fatal = None
+    app.state.fatal = None
+    return app
+
+
+def _start_listener(app: Starlette, database_url: str, settings: Settings) -> asyncio.Task[None]:
+    from ..listener import EnhancedRealtimeManager
+
+    listener = EnhancedRealtimeManager(database_url, settings)
+    app.state.listener = listener
+    task = asyncio.create_task(listener.run(), name="listener")
+
+    def finished(done: asyncio.Task[None]) -> None:
+        if app.state.hub.draining:
+            return  # stopping: expected
+        reason = "stopped" if done.cancelled() or done.exception() is None else repr(done.exception())
+        # A listener that dies takes the process down loudly, so systemd's Restart= brings both back.
+        log.critical("the in-process listener ended unexpectedly", extra={"reason": reason})
+        app.state.fatal = reason
+        on_fatal: Callable[[], None] | None = app.state.on_fatal
+        if on_fatal is not None:
+            on_fatal()
+
+    task.add_done_callback(finished)
+    return task
+
+
+class _QuietCutFilter(logging.Filter):
+    """A stream the gateway cuts on purpose (slow client) leaves its response unfinished; the gateway logs
+    that itself, so uvicorn's generic error line for it is noise."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("ASGI callable returned without completing response")
+
+
+class _GatewayServer(uvicorn.Server):
+    """uvicorn, plus: the first SIGTERM/SIGINT drains the streams before uvicorn's own shutdown begins."""
+
+    def __init__(self, config: uvicorn.Config, app: Starlette) -> None:
+        super().__init__(config)
+        self._app = app
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        hub: Hub | None = getattr(self._app.state, "hub", None)
+        if hub is not None:
+            with contextlib.suppress(RuntimeError):
+                asyncio.get_running_loop().call_soon_threadsafe(hub.drain)
+        super().handle_exit(sig, frame)
+
+
+def serve(settings: Settings, database_url: str, *, with_listener: bool = False, **uvicorn_options: Any) -> int:
+    """Run the gateway until SIGTERM/SIGINT; the exit code is non-zero when the in-process listener died."""
+    app = create_app(settings, database_url, with_listener=with_listener)
+    config = uvicorn.Config(
+        app,
+        host=settings.http_host,
+        port=settings.http_port,
+        log_config=None,
+        access_log=False,
+        lifespan="on",
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
+        **uvicorn_options,
+    )
+    server = _GatewayServer(config, app)
+
+    def fatal() -> None:
+        server.handle_exit(signal.SIGTERM, None)
+
+    app.state.on_fatal = fatal
+    server.run()
+    if app.state.fatal is not None:
+        return 1
+    return 0 if server.started else 1

@@ -1,0 +1,296 @@
+"""The gateway's fan-out: one LISTEN connection per process, events delivered in-process to every stream.
+
+The NOTIFY on `dashboard_events_v1` is only a wake-up; the table `dashboard.events` is the truth. The hub keeps
+a position (the last event id it dispatched) and, whenever woken, when quiet for `probe_seconds`, and after
+every reconnect, reads the events after it in id order. Ids are committed in id order, so reading by id never
+skips a late commit, and a cut connection loses nothing: the next catch-up reads what was missed.
+
+Streams register a `Subscriber` before their response starts. Every event the hub dispatches after that moment
+reaches the subscriber's bounded buffer; the stream replays older events from the database itself and drops
+the overlap by id. A subscriber whose buffer is full is cut (it resumes by Last-Event-ID, losing nothing).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+from sse_starlette.event import ServerSentEvent
+
+from ..backoff import Backoff
+from ..sqlfiles import queries
+from .metrics import GatewayMetrics
+
+__all__ = ["CHANNEL", "Hub", "HubEvent", "Subscriber", "encode_event"]
+
+log = logging.getLogger(__name__)
+
+CHANNEL = "dashboard_events_v1"
+SEP = "\n"
+_BATCH = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class HubEvent:
+    """One event as the wire carries it; `encoded` is shared by every stream that sends it."""
+
+    id: int
+    business_id: str | None
+    kind: str
+    encoded: bytes
+
+
+def encode_event(event_id: int, kind: str, payload: str) -> bytes:
+    """The SSE frame of an event (`payload` is its JSON text, one line)."""
+    return ServerSentEvent(payload, id=str(event_id), event=kind, sep=SEP).encode()
+
+
+class Subscriber:
+    """One stream's buffer of events. Only the event loop's thread touches it."""
+
+    __slots__ = ("_wake", "business_id", "closed_reason", "items", "limit", "on_cut")
+
+    def __init__(self, business_id: str, limit: int) -> None:
+        self.business_id = business_id
+        self.limit = limit
+        self.items: deque[HubEvent] = deque()
+        self._wake = asyncio.Event()
+        # Set when the stream must end: "slow" (buffer overflow), "draining" (SIGTERM), "closed" (hub stopped).
+        self.closed_reason: str | None = None
+        # Aborts the response at once (its send may be blocked on a client that stopped reading).
+        self.on_cut: Callable[[], None] | None = None
+
+    def push(self, event: HubEvent) -> bool:
+        """Buffer an event; False when the buffer was full (the subscriber is then cut)."""
+        if self.closed_reason is not None:
+            return True
+        if len(self.items) >= self.limit:
+            self.close("slow")
+            if self.on_cut is not None:
+                self.on_cut()
+            return False
+        self.items.append(event)
+        self._wake.set()
+        return True
+
+    def close(self, reason: str) -> None:
+        if self.closed_reason is None:
+            self.closed_reason = reason
+        self._wake.set()
+
+    async def wait(self, deadline: float) -> None:
+        """Until an event is buffered, the subscriber is closed, or loop time `deadline` passes."""
+        if self.items or self.closed_reason is not None:
+            return
+        self._wake.clear()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout_at(deadline):
+                await self._wake.wait()
+
+
+class Hub:
+    """Owns the LISTEN connection and the subscribers; `start()` returns once listening and caught up."""
+
+    def __init__(self, database_url: str, metrics: GatewayMetrics, *, probe_seconds: float = 5.0) -> None:
+        self._url = database_url
+        self._metrics = metrics
+        self._probe_seconds = probe_seconds
+        self._by_business: dict[str, set[Subscriber]] = {}
+        self._count = 0
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._task: asyncio.Task[None] | None = None
+        self._conn: asyncpg.Connection | None = None
+        self.position = 0
+        self.listening = asyncio.Event()
+        self.draining = False
+        self.reconnects = 0
+        self.last_error: str | None = None
+        self.last_error_at: float | None = None
+        self.node = f"{socket.gethostname()}:{os.getpid()}"
+
+    # -- subscribers ---------------------------------------------------------------------------------------
+
+    @property
+    def subscriber_count(self) -> int:
+        return self._count
+
+    def subscribe(self, business_id: str, limit: int) -> Subscriber:
+        """Register before the response starts: every event dispatched from now on reaches the subscriber."""
+        sub = Subscriber(business_id, limit)
+        self._by_business.setdefault(business_id, set()).add(sub)
+        self._count += 1
+        return sub
+
+    def unsubscribe(self, sub: Subscriber) -> None:
+        subs = self._by_business.get(sub.business_id)
+        if subs is not None and sub in subs:
+            subs.discard(sub)
+            self._count -= 1
+            if not subs:
+                del self._by_business[sub.business_id]
+        sub.close("closed")
+
+    def drain(self) -> None:
+        """SIGTERM: every stream ends (with a jittered retry), and new ones are refused."""
+        self.draining = True
+        for subs in self._by_business.values():
+            for sub in subs:
+                sub.close("draining")
+
+    # -- lifecycle -----------------------------------------------------------------------------------------
+
+    async def start(self, timeout: float = 30.0) -> None:
+        """Start listening; returns once the first LISTEN is in place (or raises after `timeout`)."""
+        self._task = asyncio.create_task(self._run(), name="gateway-hub")
+        waiter = asyncio.ensure_future(self.listening.wait())
+        done, _ = await asyncio.wait({waiter, self._task}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        if waiter not in done:
+            waiter.cancel()
+            if self._task in done:
+                self._task.result()  # re-raise why it died
+            raise TimeoutError(f"the gateway could not LISTEN within {timeout:.0f} s: {self.last_error}")
+
+    async def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        for subs in list(self._by_business.values()):
+            for sub in subs:
+                sub.close("closed")
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self._close_conn()
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "node": self.node,
+            "listening": self.listening.is_set(),
+            "position": self.position,
+            "streams": self._count,
+            "businesses": len(self._by_business),
+            "draining": self.draining,
+            "reconnects": self.reconnects,
+            "last_error": self.last_error,
+            "last_error_at": self.last_error_at,
+        }
+
+    # -- the LISTEN loop -----------------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        backoff = Backoff(initial=0.1, cap=10.0)
+        sql = queries("gateway")
+        first = True
+        while not self._stopping:
+            try:
+                await self._connect()
+                assert self._conn is not None
+                if first:
+                    # A fresh gateway starts at the present; streams replay older events themselves.
+                    self.position = int(await self._conn.fetchval(sql["hub_position"]))
+                    first = False
+                await self._catch_up()
+                self.listening.set()
+                backoff.reset()
+                while not self._stopping:
+                    self._wake.clear()
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(self._probe_seconds):
+                            await self._wake.wait()
+                    if self._conn.is_closed():
+                        raise ConnectionError("the LISTEN connection closed")
+                    # Woken or quiet: either way read the table. When quiet this doubles as the liveness
+                    # probe, and it catches an event whose NOTIFY was lost.
+                    await self._catch_up()
+            except asyncio.CancelledError:
+                raise
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, ConnectionError, TimeoutError) as exc:
+                if self._stopping:
+                    break
+                self.listening.clear()
+                self.reconnects += 1
+                self._metrics.listen_reconnects.inc()
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                self.last_error_at = time.time()
+                delay = backoff.next_delay()
+                log.warning(
+                    "gateway LISTEN connection lost; reconnecting",
+                    extra={"error": self.last_error, "retry_in_seconds": round(delay, 3)},
+                )
+                await self._close_conn()
+                await asyncio.sleep(delay)
+
+    async def _connect(self) -> None:
+        await self._close_conn()
+        conn: asyncpg.Connection = await asyncpg.connect(
+            self._url,
+            timeout=10,
+            command_timeout=30,
+            server_settings={
+                "application_name": f"cdc-dashboard gateway {self.node}",
+                "tcp_keepalives_idle": "5",
+                "tcp_keepalives_interval": "2",
+                "tcp_keepalives_count": "3",
+            },
+        )
+        self._conn = conn
+        conn.add_termination_listener(self._on_terminated)
+        await conn.add_listener(CHANNEL, self._on_notify)
+
+    async def _close_conn(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None and not conn.is_closed():
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(conn.close(), timeout=2)
+            if not conn.is_closed():
+                conn.terminate()
+
+    def _on_notify(self, *_: object) -> None:
+        self._wake.set()
+
+    def _on_terminated(self, *_: object) -> None:
+        self._wake.set()
+
+    async def _catch_up(self) -> None:
+        assert self._conn is not None
+        sql = queries("gateway")["hub_catch_up"]
+        while True:
+            rows = await self._conn.fetch(sql, self.position, _BATCH)
+            for row in rows:
+                self._dispatch(row)
+                # Let the streams write what they were given before the next event: a burst for one business
+                # must not overflow the buffer of a client that is reading.
+                await asyncio.sleep(0)
+            if len(rows) < _BATCH:
+                return
+
+    def _dispatch(self, row: asyncpg.Record) -> None:
+        event = HubEvent(
+            id=row["id"],
+            business_id=row["business_id"],
+            kind=row["kind"],
+            encoded=encode_event(row["id"], row["kind"], row["payload"]),
+        )
+        if event.business_id is None:
+            targets = [sub for subs in self._by_business.values() for sub in subs]
+        else:
+            targets = list(self._by_business.get(event.business_id, ()))
+        for sub in targets:
+            if not sub.push(event):
+                self._metrics.slow_clients_dropped.inc()
+                log.warning("slow client cut: its buffer is full", extra={"business_id": sub.business_id})
+        self.position = event.id
+        created: datetime = row["created_at"]
+        self._metrics.event_lag.set(max(0.0, time.time() - created.timestamp()))
+        self._metrics.position.set(event.id)

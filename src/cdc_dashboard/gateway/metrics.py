@@ -1,0 +1,46 @@
+"""The gateway's Prometheus metrics, on a registry of its own per app (tests run several apps in one process)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, ProcessCollector
+
+__all__ = ["GatewayMetrics"]
+
+
+class GatewayMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        # RSS and open file descriptors: what a connection costs is read off these.
+        ProcessCollector(registry=self.registry)
+        self.open_streams = Gauge("cdc_gateway_open_streams", "SSE streams currently open", registry=self.registry)
+        self.events_sent = Counter(
+            "cdc_gateway_events_sent", "events written to streams (live and replayed)", registry=self.registry
+        )
+        self.events_replayed = Counter(
+            "cdc_gateway_events_replayed",
+            "events replayed after Last-Event-ID",
+            registry=self.registry,
+        )
+        self.resyncs_sent = Counter(
+            "cdc_gateway_resyncs_sent", "resync events sent for a Last-Event-ID past retention", registry=self.registry
+        )
+        self.slow_clients_dropped = Counter(
+            "cdc_gateway_slow_clients_dropped", "streams cut because the client stopped reading", registry=self.registry
+        )
+        self.streams_rejected = Counter(
+            "cdc_gateway_streams_rejected",
+            "streams refused with 503 (connection limit or draining)",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.listen_reconnects = Counter(
+            "cdc_gateway_listen_reconnects", "reconnects of the gateway's LISTEN connection", registry=self.registry
+        )
+        self.event_lag = Gauge(
+            "cdc_gateway_event_lag_seconds",
+            "listener lag: from the event's append to its dispatch by this gateway, for the latest event",
+            registry=self.registry,
+        )
+        self.position = Gauge(
+            "cdc_gateway_position", "id of the last event this gateway dispatched", registry=self.registry
+        )

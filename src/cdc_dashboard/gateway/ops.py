@@ -1,0 +1,91 @@
+"""Operations endpoints: `/healthz` (alive), `/readyz` (serving), `/metrics` (Prometheus), `/v1/status` (admin)."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import datetime, timedelta
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute, Route
+
+from ..sqlfiles import queries
+from .auth import authorize_admin
+from .hub import Hub
+from .metrics import GatewayMetrics
+
+__all__ = ["routes"]
+
+_PROBE_TIMEOUT = 2.0
+
+
+async def healthz(request: Request) -> Response:
+    """The process answers: nothing else is checked (a restart would not fix a database outage)."""
+    return JSONResponse({"status": "ok"})
+
+
+async def _database_ok(request: Request) -> bool:
+    try:
+        async with asyncio.timeout(_PROBE_TIMEOUT), request.app.state.pool.acquire() as conn:
+            await conn.fetchval(queries("gateway")["ping"])
+    except Exception:
+        return False
+    return True
+
+
+async def readyz(request: Request) -> Response:
+    """200 when the database answers, the events channel is listened to and (in-process) the listener is
+    ready; else 503 with what is missing. A draining gateway is not ready: balancers stop sending to it."""
+    hub: Hub = request.app.state.hub
+    checks: dict[str, bool] = {
+        "database": await _database_ok(request),
+        "listening": hub.listening.is_set(),
+        "not_draining": not hub.draining,
+    }
+    listener = getattr(request.app.state, "listener", None)
+    if listener is not None:
+        checks["listener"] = listener.ready.is_set()
+    ok = all(checks.values())
+    return JSONResponse({"status": "ready" if ok else "not ready", "checks": checks}, status_code=200 if ok else 503)
+
+
+async def metrics(request: Request) -> Response:
+    gateway_metrics: GatewayMetrics = request.app.state.metrics
+    gateway_metrics.open_streams.set(request.app.state.hub.subscriber_count)
+    return Response(generate_latest(gateway_metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, timedelta):
+        return value.total_seconds()
+    return value
+
+
+async def status(request: Request) -> Response:
+    """Troubleshooting state for an admin: this gateway, the listener's bookkeeping row, the embedded listener."""
+    authorize_admin(request)
+    hub: Hub = request.app.state.hub
+    body: dict[str, Any] = {"gateway": hub.status()}
+    try:
+        async with asyncio.timeout(_PROBE_TIMEOUT), request.app.state.pool.acquire() as conn:
+            row = await conn.fetchrow(queries("gateway")["listener_state"])
+        body["listener_state"] = {key: _jsonable(value) for key, value in dict(row).items()} if row else None
+        body["database"] = "ok"
+    except Exception as exc:
+        body["database"] = f"unreachable: {type(exc).__name__}"
+    listener = getattr(request.app.state, "listener", None)
+    if listener is not None:
+        body["embedded_listener"] = {key: _jsonable(value) for key, value in listener.status().items()}
+    return JSONResponse(body)
+
+
+routes: list[BaseRoute] = [
+    Route("/healthz", healthz, methods=["GET"]),
+    Route("/readyz", readyz, methods=["GET"]),
+    Route("/metrics", metrics, methods=["GET"]),
+    Route("/v1/status", status, methods=["GET"]),
+]

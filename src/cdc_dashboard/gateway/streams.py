@@ -1,0 +1,183 @@
+"""`GET /v1/businesses/{id}/events`: a business's invalidation events as Server-Sent Events.
+
+The order of things is what makes the stream lossless:
+1. authorise, then register a subscriber with the hub, all before the response starts: any event the hub
+   dispatches after the client sees the response headers reaches this stream;
+2. with `Last-Event-ID: N` (or `?last_event_id=N`), replay the business's events after N from the database,
+   or send `resync` first when N is older than retained history;
+3. continue with the subscriber's buffer, dropping what the replay already sent (ids only grow).
+
+The stream ends when the token expires, when the client stops reading (its buffer fills: it resumes by id),
+and on SIGTERM, with a jittered `retry:` so dashboards do not all reconnect to the next replica at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+from sse_starlette import EventSourceResponse
+from sse_starlette.event import ServerSentEvent
+from sse_starlette.sse import SendTimeoutError
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
+from starlette.types import Receive, Scope, Send
+
+from ..config import Settings
+from ..sqlfiles import queries
+from .auth import TokenClaims, authorize
+from .hub import SEP, Hub, Subscriber, encode_event
+from .metrics import GatewayMetrics
+
+__all__ = ["RETRY_MS", "routes"]
+
+log = logging.getLogger(__name__)
+
+# The reconnect delay a stream announces at its start.
+RETRY_MS = 2000
+# On SIGTERM streams end with a retry drawn from this range (ms), spreading the reconnects.
+DRAIN_RETRY_MS = (1000, 5000)
+_REPLAY_PAGE = 500
+SSE_HEADERS = {"Cache-Control": "no-cache, no-transform", "X-Accel-Buffering": "no"}
+
+
+def _retry_after() -> str:
+    return str(random.randint(1, 5))
+
+
+def _last_event_id(request: Request) -> int | None:
+    raw = request.headers.get("last-event-id") or request.query_params.get("last_event_id")
+    if raw is None or raw.strip() == "":
+        return None
+    try:
+        value = int(raw.strip())
+    except ValueError:
+        raise HTTPException(400, "Last-Event-ID must be a non-negative integer") from None
+    if value < 0:
+        raise HTTPException(400, "Last-Event-ID must be a non-negative integer")
+    return value
+
+
+class _EventStream(EventSourceResponse):
+    """An SSE response that always releases its subscriber and can be cut at once (a client that stopped
+    reading leaves its send blocked; cancelling is the only way out)."""
+
+    def __init__(self, hub: Hub, sub: Subscriber, metrics: GatewayMetrics, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._hub = hub
+        self._sub = sub
+        self._metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            with anyio.CancelScope() as cancel:
+                self._sub.on_cut = cancel.cancel
+                await super().__call__(scope, receive, send)
+        except SendTimeoutError:
+            self._metrics.slow_clients_dropped.inc()
+            log.warning("slow client cut: a send timed out", extra={"business_id": self._sub.business_id})
+        finally:
+            self._sub.on_cut = None
+            self._hub.unsubscribe(self._sub)
+
+
+async def _events(
+    request: Request, hub: Hub, sub: Subscriber, claims: TokenClaims, last_id: int | None, start: int
+) -> AsyncIterator[bytes]:
+    metrics: GatewayMetrics = request.app.state.metrics
+    yield ServerSentEvent(retry=RETRY_MS, sep=SEP).encode()
+    sent = start if last_id is None else last_id
+    if last_id is not None:
+        async for frame, event_id in _replay(request, sub.business_id, last_id, start):
+            sent = event_id
+            metrics.events_sent.inc()
+            yield frame
+    loop = asyncio.get_running_loop()
+    # Loop time of the token's expiry: the stream ends then.
+    expiry = loop.time() + claims.seconds_left()
+    while True:
+        await sub.wait(expiry)
+        while sub.items:
+            event = sub.items.popleft()
+            if event.id <= sent:
+                continue  # already replayed
+            sent = event.id
+            metrics.events_sent.inc()
+            yield event.encoded
+        if sub.closed_reason == "draining":
+            retry = random.randint(*DRAIN_RETRY_MS)
+            yield ServerSentEvent(comment="server shutting down", retry=retry, sep=SEP).encode()
+            return
+        if sub.closed_reason is not None:
+            return
+        if loop.time() >= expiry:
+            yield ServerSentEvent(comment="token expired", sep=SEP).encode()
+            return
+
+
+async def _replay(request: Request, business_id: str, last_id: int, start: int) -> AsyncIterator[tuple[bytes, int]]:
+    """The retained events of the business after `last_id`; a resync first when history was pruned."""
+    metrics: GatewayMetrics = request.app.state.metrics
+    sql = queries("gateway")["stream_replay"]
+    position = last_id
+    while True:
+        async with request.app.state.pool.acquire() as conn:
+            rows = await conn.fetch(sql, position, business_id, _REPLAY_PAGE)
+        pruned_through, newest = rows[0]["pruned_through"], rows[0]["last_event_id"]
+        if position < pruned_through or position > max(newest, start):
+            # History after `position` is gone, or the id is from another database: the client refetches
+            # everything and continues from the present.
+            # Its id is the hub's position when the stream registered: everything after it comes live.
+            metrics.resyncs_sent.inc()
+            payload = json.dumps({"business_id": business_id, "reason": "history_unavailable"})
+            yield encode_event(start, "resync", payload), start
+            return
+        events = [row for row in rows if row["id"] is not None]
+        for row in events:
+            metrics.events_replayed.inc()
+            yield encode_event(row["id"], row["kind"], row["payload"]), row["id"]
+            position = row["id"]
+        if len(events) < _REPLAY_PAGE:
+            return
+
+
+async def stream_events(request: Request) -> Response:
+    business_id: str = request.path_params["business_id"]
+    claims = authorize(request, business_id)
+    business_id = business_id.lower()
+    last_id = _last_event_id(request)
+    settings: Settings = request.app.state.settings
+    hub: Hub = request.app.state.hub
+    metrics: GatewayMetrics = request.app.state.metrics
+    if hub.draining:
+        metrics.streams_rejected.labels("draining").inc()
+        raise HTTPException(503, "the gateway is shutting down", headers={"Retry-After": _retry_after()})
+    if hub.subscriber_count >= settings.max_connections:
+        metrics.streams_rejected.labels("limit").inc()
+        raise HTTPException(503, "too many connections", headers={"Retry-After": _retry_after()})
+    sub = hub.subscribe(business_id, settings.sse_queue_size)
+    start = hub.position
+    return _EventStream(
+        hub,
+        sub,
+        metrics,
+        content=_events(request, hub, sub, claims, last_id, start),
+        headers=SSE_HEADERS,
+        ping=settings.sse_ping_seconds,
+        sep=SEP,
+        ping_message_factory=lambda: ServerSentEvent(comment="ping", sep=SEP),
+        send_timeout=settings.sse_send_timeout_seconds,
+        # SIGTERM: our drain ends the streams first (hub.drain, with a jittered retry); sse-starlette's own
+        # shutdown watcher would cancel them at once without one.
+        shutdown_grace_period=3.0,
+    )
+
+
+routes: list[BaseRoute] = [Route("/v1/businesses/{business_id}/events", stream_events, methods=["GET"])]

@@ -1,0 +1,249 @@
+"""The event stream against a real uvicorn and PostgreSQL: delivery, resume, resync, expiry, limits, cuts."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import socket
+import uuid
+
+import aiohttp
+import psycopg
+
+from .gateway_support import append_events, open_stream, run_gateway, token_for
+
+
+def _new_business() -> str:
+    return str(uuid.uuid4())
+
+
+async def test_delivers_the_business_events_with_sse_headers(db_url: str) -> None:
+    b, other = _new_business(), _new_business()
+    async with run_gateway(db_url) as gw, open_stream(gw.url, b, token_for(b)) as stream:
+        assert stream.response.status == 200
+        assert stream.response.headers["Content-Type"].startswith("text/event-stream")
+        assert stream.response.headers["Cache-Control"] == "no-cache, no-transform"
+        assert stream.response.headers["X-Accel-Buffering"] == "no"
+        [other_id] = append_events(db_url, (other, "invalidate"))
+        [mine] = append_events(db_url, (b, "invalidate"))
+        event = await stream.next_event()
+        assert event is not None
+        assert stream.retries == [2000]
+        # The other business's event (committed first) never reaches this stream.
+        assert (event.id, event.event) == (str(mine), "invalidate")
+        assert event.json()["business_id"] == b
+        assert other_id < mine
+
+
+async def test_upper_case_business_id_is_the_same_business(db_url: str) -> None:
+    b = _new_business()
+    async with run_gateway(db_url) as gw, open_stream(gw.url, b.upper(), token_for(b)) as stream:
+        assert stream.response.status == 200
+        [mine] = append_events(db_url, (b, "invalidate"))
+        event = await stream.next_event()
+        assert event is not None and event.id == str(mine)
+
+
+async def test_event_for_every_business_reaches_all_streams(db_url: str) -> None:
+    b1, b2 = _new_business(), _new_business()
+    async with (
+        run_gateway(db_url) as gw,
+        open_stream(gw.url, b1, token_for(b1)) as s1,
+        open_stream(gw.url, b2, token_for(b2)) as s2,
+    ):
+        [resync] = append_events(db_url, (None, "resync"))
+        for stream in (s1, s2):
+            event = await stream.next_event()
+            assert event is not None and (event.id, event.event) == (str(resync), "resync")
+
+
+async def test_change_committed_right_after_headers_is_delivered(db_url: str) -> None:
+    """The stream is ready when its response starts: no "subscribed but not yet listening" window."""
+    b = _new_business()
+    async with run_gateway(db_url) as gw:
+        for _ in range(5):
+            async with open_stream(gw.url, b, token_for(b)) as stream:
+                # aiohttp returns the response once the headers arrived; commit at once.
+                [event_id] = append_events(db_url, (b, "invalidate"))
+                event = await stream.next_event(timeout=3)
+                assert event is not None and event.id == str(event_id)
+
+
+async def test_resume_replays_then_continues_live_without_gap_or_duplicate(db_url: str) -> None:
+    b, other = _new_business(), _new_business()
+    before = append_events(db_url, *[(b, "invalidate"), (other, "invalidate")] * 5)
+    mine_before = before[0::2]
+    resume_from = mine_before[1]
+    async with run_gateway(db_url) as gw:
+        # Events keep arriving while the stream replays: the seam must neither drop nor repeat any.
+        async def writer() -> list[int]:
+            ids: list[int] = []
+            for _ in range(10):
+                ids += append_events(db_url, (b, "invalidate"))
+                await asyncio.sleep(0.01)
+            return ids
+
+        async with open_stream(gw.url, b, token_for(b), last_event_id=resume_from) as stream:
+            written = await writer()
+            expected = [i for i in mine_before if i > resume_from] + written
+            got = await stream.events(len(expected))
+            assert [int(e.id or 0) for e in got] == expected
+            assert all(e.event == "invalidate" for e in got)
+
+        # A reconnect with the last id seen, here by query parameter as EventSource-less clients may do.
+        last = expected[-1]
+        later = append_events(db_url, (b, "invalidate"), (b, "invalidate"))
+        async with open_stream(gw.url, b, token_for(b), query=f"?last_event_id={last}") as stream:
+            got = await stream.events(2)
+            assert [int(e.id or 0) for e in got] == later
+            more = append_events(db_url, (b, "invalidate"))
+            event = await stream.next_event()
+            assert event is not None and [int(event.id or 0)] == more
+
+
+async def test_last_event_id_past_retention_gets_resync_first(db_url: str) -> None:
+    b = _new_business()
+    old = append_events(db_url, *[(b, "invalidate")] * 4)
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        # What the listener's pruning does: delete old events and raise the horizon.
+        conn.execute("delete from dashboard.events where id <= %s", (old[2],))
+        conn.execute("update dashboard.listener_state set pruned_through = %s", (old[2],))
+    async with run_gateway(db_url) as gw:
+        async with open_stream(gw.url, b, token_for(b), last_event_id=old[0]) as stream:
+            first = await stream.next_event()
+            assert first is not None and first.event == "resync"
+            assert first.id is not None and int(first.id) >= old[0]
+            [live] = append_events(db_url, (b, "invalidate"))
+            event = await stream.next_event()
+            # After a resync the client refetches everything; the stream continues from the present.
+            assert event is not None and (event.id, event.event) == (str(live), "invalidate")
+        # At the horizon itself nothing is missing: a plain replay.
+        async with open_stream(gw.url, b, token_for(b), last_event_id=old[2]) as stream:
+            got = await stream.events(2)
+            assert [(e.event, int(e.id or 0)) for e in got] == [("invalidate", old[3]), ("invalidate", live)]
+
+
+async def test_last_event_id_from_the_future_gets_resync(db_url: str) -> None:
+    """An id this database never gave (e.g. it was recreated) must not silence the stream."""
+    b = _new_business()
+    async with run_gateway(db_url) as gw, open_stream(gw.url, b, token_for(b), last_event_id=10_000) as stream:
+        first = await stream.next_event()
+        assert first is not None and first.event == "resync"
+        [live] = append_events(db_url, (b, "invalidate"))
+        event = await stream.next_event()
+        assert event is not None and event.id == str(live)
+
+
+async def test_bad_last_event_id_is_400(db_url: str) -> None:
+    b = _new_business()
+    async with run_gateway(db_url) as gw, open_stream(gw.url, b, token_for(b), query="?last_event_id=abc") as stream:
+        assert stream.response.status == 400
+        assert "Last-Event-ID" in (await stream.response.json())["error"]
+
+
+async def test_heartbeat_comment_every_ping_interval(db_url: str) -> None:
+    b = _new_business()
+    async with run_gateway(db_url, sse_ping_seconds=0.2) as gw, open_stream(gw.url, b, token_for(b)) as stream:
+        with contextlib.suppress(TimeoutError):
+            await stream.next_event(timeout=1.0)
+        assert stream.comments.count("ping") >= 3
+
+
+async def test_stream_ends_when_the_token_expires(db_url: str) -> None:
+    b = _new_business()
+    async with run_gateway(db_url) as gw, open_stream(gw.url, b, token_for(b, ttl=2)) as stream:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        [event_id] = append_events(db_url, (b, "invalidate"))
+        events = await stream.until_closed(timeout=5)
+        assert [e.id for e in events] == [str(event_id)]
+        assert 1.0 <= loop.time() - started <= 4.0
+        assert "token expired" in stream.comments
+
+
+async def test_connection_limit_answers_503_with_retry_after(db_url: str) -> None:
+    b = _new_business()
+    async with (
+        run_gateway(db_url, max_connections=2) as gw,
+        open_stream(gw.url, b, token_for(b)) as s1,
+    ):
+        async with open_stream(gw.url, b, token_for(b)) as s2:
+            assert (s1.response.status, s2.response.status) == (200, 200)
+            async with open_stream(gw.url, b, token_for(b)) as s3:
+                assert s3.response.status == 503
+                assert int(s3.response.headers["Retry-After"]) >= 1
+                assert (await s3.response.json())["error"] == "too many connections"
+        # A closed stream frees its place.
+        for _ in range(50):
+            async with open_stream(gw.url, b, token_for(b)) as s4:
+                if s4.response.status == 200:
+                    break
+            await asyncio.sleep(0.05)
+        assert s4.response.status == 200
+
+
+async def test_client_that_stops_reading_is_cut(db_url: str) -> None:
+    """A client that stops reading is disconnected once its bounded buffer fills; others are unaffected."""
+    b = _new_business()
+    async with run_gateway(db_url, sse_queue_size=8) as gw, open_stream(gw.url, b, token_for(b)) as reader:
+        port = int(gw.url.rsplit(":", 1)[1])
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        loop = asyncio.get_running_loop()
+        await loop.sock_connect(sock, ("127.0.0.1", port))
+        request = f"GET /v1/businesses/{b}/events HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token_for(b)}\r\n\r\n"
+        await loop.sock_sendall(sock, request.encode())
+        head = await asyncio.wait_for(loop.sock_recv(sock, 256), 5)
+        assert head.startswith(b"HTTP/1.1 200")
+        reading = asyncio.create_task(reader.events(1000, timeout=10))
+        # Now stop reading. Big events fill the socket buffers, then the transport, then the stream's buffer.
+        big = "x" * 8000
+        with psycopg.connect(db_url, autocommit=True) as conn:
+            for _ in range(10):
+                conn.execute(
+                    "select dashboard.append_events_v1(array_fill(%s::text, array[100]), "
+                    "array_fill('invalidate'::text, array[100]), array_fill(%s::jsonb, array[100]))",
+                    (b, json.dumps({"business_id": b, "pad": big})),
+                )
+        dropped = 0.0
+        async with aiohttp.ClientSession() as session:
+            for _ in range(100):
+                async with session.get(f"{gw.url}/metrics") as response:
+                    text = await response.text()
+                dropped = next(
+                    float(line.split()[1])
+                    for line in text.splitlines()
+                    if line.startswith("cdc_gateway_slow_clients_dropped_total")
+                )
+                if dropped >= 1:
+                    break
+                await asyncio.sleep(0.05)
+        assert dropped == 1
+        # The cut connection reaches end of file once the client drains what was already sent.
+        total = 0
+        async with asyncio.timeout(10):
+            while chunk := await loop.sock_recv(sock, 65536):
+                total += len(chunk)
+        sock.close()
+        assert total < 1000 * 8000
+        # The reader that kept reading got everything.
+        got = await reading
+        assert len(got) == 1000
+
+
+async def test_gateway_reconnects_its_listen_connection_and_loses_nothing(db_url: str) -> None:
+    b = _new_business()
+    async with run_gateway(db_url) as gw, open_stream(gw.url, b, token_for(b)) as stream:
+        with psycopg.connect(db_url, autocommit=True) as conn:
+            killed = conn.execute(
+                "select count(pg_terminate_backend(pid)) from pg_stat_activity "
+                "where datname = current_database() and application_name like 'cdc-dashboard gateway%%'"
+            ).fetchone()
+        assert killed is not None and killed[0] == 1
+        # Appended while the gateway's LISTEN connection is down: caught up after the reconnect.
+        ids = append_events(db_url, (b, "invalidate"), (b, "invalidate"))
+        got = await stream.events(2, timeout=10)
+        assert [int(e.id or 0) for e in got] == ids
+        assert gw.app_state.hub.reconnects >= 1
