@@ -1,0 +1,83 @@
+"""A real gateway process for browser tests, and where Chromium is."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from cdc_dashboard.gateway.auth import create_token
+
+__all__ = ["CHROMIUM", "CHROMIUM_ARGS", "SECRET", "Gateway"]
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+SECRET = "browser-tests-secret-0123456789abcdef"  # 32+ characters, as the gateway requires
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class Gateway:
+    """`cdc-dashboard serve --with-listener` in a subprocess that a test can stop and start again."""
+
+    def __init__(self, database_url: str, log_path: Path) -> None:
+        self.database_url = database_url
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def token(self, *business_ids: str, ttl: int = 3600) -> str:
+        return create_token(SECRET, list(business_ids), ttl)
+
+    def start(self, timeout: float = 30.0) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CDC_")}
+        env |= {
+            "CDC_DATABASE_URL": self.database_url,
+            "CDC_SECRET": SECRET,
+            "CDC_HTTP_HOST": "127.0.0.1",
+            "CDC_HTTP_PORT": str(self.port),
+            "CDC_LOG_LEVEL": "WARNING",
+        }
+        command = [str(Path(sys.executable).with_name("cdc-dashboard")), "serve", "--with-listener"]
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"gateway exited with {self.process.returncode}:\n{self.log()}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/readyz", timeout=1) as response:
+                    if response.status == 200:
+                        return
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            time.sleep(0.1)
+        raise AssertionError(f"gateway not ready within {timeout} s:\n{self.log()}")
+
+    def stop(self) -> None:
+        """SIGTERM, as systemd or a deploy would: the gateway drains its streams and exits."""
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-4000:] if self.log_path.exists() else ""
