@@ -33,7 +33,7 @@ from .events import ToastPayment
 from .sqlfiles import queries
 from .systemd import Notifier
 
-__all__ = ["EnhancedRealtimeManager", "connect", "run_until_signalled"]
+__all__ = ["EnhancedRealtimeManager", "ListenerStatus", "connect", "run_until_signalled"]
 
 log = logging.getLogger("cdc_dashboard.listener")
 
@@ -54,6 +54,15 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.InvalidCatalogNameError,
     asyncpg.exceptions.InternalClientError,
 )
+
+
+class ListenerStatus(TypedDict):
+    state: str
+    node: str
+    reconnects: int
+    last_error: str | None
+    changes_consumed: int
+    events_appended: int
 
 
 class LostLeadership(Exception):
@@ -116,7 +125,7 @@ class EnhancedRealtimeManager:
         self._stopping.set()
         self._wake.set()
 
-    def status(self) -> dict[str, object]:
+    def status(self) -> ListenerStatus:
         return {
             "state": self._state,
             "node": self.node,
