@@ -23,6 +23,7 @@ import logging
 import os
 import socket
 import uuid
+from typing import TypedDict
 
 import asyncpg
 
