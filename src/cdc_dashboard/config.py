@@ -6,8 +6,11 @@ ValidationError into a `ConfigError` whose message is that line.
 
 from __future__ import annotations
 
+import ipaddress
+from typing import Annotated, Any
+
 from pydantic import Field, ValidationError, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 __all__ = ["ConfigError", "Settings", "load_settings"]
 
@@ -29,6 +32,10 @@ class Settings(BaseSettings):
     secret: str | None = Field(default=None, description="HS256 key that signs dashboard tokens")
     paystack_secret_key: str | None = None
     mpesa_callback_token: str | None = None
+    # Comma-separated addresses or CIDR blocks. Empty allow-list: any source (the path token still applies).
+    mpesa_allowed_ips: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # Proxies whose X-Forwarded-For is believed when checking the allow-list (e.g. the local nginx).
+    trusted_proxies: Annotated[list[str], NoDecode] = Field(default_factory=list)
     sse_ping_seconds: float = Field(default=15.0, gt=0)
     max_connections: int = Field(default=20000, ge=1)
     sse_queue_size: int = Field(default=256, ge=1, description="events buffered per stream before it is cut")
@@ -51,6 +58,20 @@ class Settings(BaseSettings):
         if value is not None and len(value) < 32:
             raise ValueError("must be at least 32 characters (HS256 key)")
         return value
+
+    @field_validator("mpesa_allowed_ips", "trusted_proxies", mode="before")
+    @classmethod
+    def _address_list(cls, value: Any) -> Any:
+        entries = value.split(",") if isinstance(value, str) else value
+        if not isinstance(entries, list):
+            return entries
+        cleaned = [str(e).strip() for e in entries if str(e).strip()]
+        for entry in cleaned:
+            try:
+                ipaddress.ip_network(entry, strict=False)
+            except ValueError:
+                raise ValueError(f"{entry!r} is not an IP address or CIDR block (comma-separated list)") from None
+        return cleaned
 
     @field_validator("log_level")
     @classmethod

@@ -1,9 +1,216 @@
-"""Gateway routes: webhooks (filled in by its own change; the app mounts `routes`)."""
+"""Gateway routes: payment provider webhooks (Paystack, M-Pesa STK and C2B).
+
+Each request is checked in this order, and a rejected one records nothing: the provider is configured (else
+503), the M-Pesa caller is allowed (403) and knows the path token (401), the body is at most 1 MB (413), the
+Paystack signature matches the raw bytes (401), the body parses into what we record (400). Database trouble
+answers 503 so the provider retries; nothing here answers 500. Recording is in `cdc_dashboard.ingest`.
+"""
 
 from __future__ import annotations
 
-from starlette.routing import BaseRoute
+import functools
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
 
-__all__ = ["routes"]
+import asyncpg
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute, Route
 
-routes: list[BaseRoute] = []
+from ..config import Settings
+from ..ingest import mpesa, paystack
+from ..ingest.recording import Recorded, record_c2b, record_paystack_charge, record_paystack_refund, record_stk
+from ..ingest.sources import IPNetwork, caller_ip, is_allowed, networks
+from ..ingest.wire import BadPayload, load_json
+
+__all__ = ["MAX_BODY_BYTES", "routes"]
+
+log = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 1024 * 1024
+C2B_ACCEPTED = {"ResultCode": "0", "ResultDesc": "Accepted"}
+STK_ACCEPTED = {"ResultCode": 0, "ResultDesc": "Accepted"}
+
+
+class _Rejected(Exception):
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+def _settings(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+async def _read_body(request: Request) -> bytes:
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise _Rejected(413, f"body is larger than {MAX_BODY_BYTES} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > MAX_BODY_BYTES:
+                raise _Rejected(413, f"body is larger than {MAX_BODY_BYTES} bytes")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise _Rejected(400, "client disconnected before the body was complete") from None
+    return b"".join(chunks)
+
+
+@functools.lru_cache(maxsize=8)
+def _nets(entries: tuple[str, ...]) -> list[IPNetwork]:
+    return networks(entries)
+
+
+def _check_mpesa_caller(request: Request) -> None:
+    settings = _settings(request)
+    expected = settings.mpesa_callback_token
+    if not expected:
+        raise _Rejected(503, "M-Pesa callbacks are not configured (CDC_MPESA_CALLBACK_TOKEN is unset)")
+    allowed = _nets(tuple(settings.mpesa_allowed_ips))
+    if allowed:
+        peer = request.client.host if request.client else None
+        address = caller_ip(peer, request.headers.get("x-forwarded-for"), _nets(tuple(settings.trusted_proxies)))
+        if not is_allowed(address, allowed):
+            raise _Rejected(403, f"source address {address} is not in CDC_MPESA_ALLOWED_IPS")
+    if not mpesa.token_matches(expected, str(request.path_params.get("token", ""))):
+        raise _Rejected(401, "unknown callback token")
+
+
+def _rejection(provider: str, request: Request, status: int, reason: str) -> Response:
+    # The path is not logged: for M-Pesa it contains the secret token.
+    log.warning(
+        "webhook rejected: %s",
+        reason,
+        extra={"provider": provider, "status": status, "route": request.scope.get("route_name", provider)},
+    )
+    return JSONResponse({"error": reason}, status_code=status)
+
+
+async def _record(
+    provider: str, request: Request, work: Callable[[asyncpg.Pool], Awaitable[Recorded]]
+) -> Recorded | Response:
+    pool = getattr(request.app.state, "pool", None)
+    if pool is None:
+        return _rejection(provider, request, 503, "database is not available")
+    started = time.perf_counter()
+    try:
+        recorded = await work(pool)
+    except (asyncpg.exceptions.DataError, asyncpg.exceptions.CheckViolationError) as exc:
+        return _rejection(provider, request, 400, f"body cannot be stored: {type(exc).__name__}")
+    except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
+        log.error("webhook not recorded (database): %s", exc, extra={"provider": provider})
+        return _rejection(provider, request, 503, "database is not available; retry later")
+    except Exception:
+        # A bug must not cost a payment: 503 makes the provider deliver again once it is fixed.
+        log.exception("webhook not recorded (unexpected error)", extra={"provider": provider})
+        return _rejection(provider, request, 503, "could not record the webhook; retry later")
+    log.info(
+        "webhook %s",
+        recorded.outcome,
+        extra={
+            "provider": provider,
+            "outcome": recorded.outcome,
+            "payment_id": str(recorded.payment_id) if recorded.payment_id else None,
+            "business_id": str(recorded.business_id) if recorded.business_id else None,
+            "ms": round((time.perf_counter() - started) * 1000, 1),
+        },
+    )
+    return recorded
+
+
+async def paystack_webhook(request: Request) -> Response:
+    provider = paystack.PROVIDER
+    try:
+        secret = _settings(request).paystack_secret_key
+        if not secret:
+            raise _Rejected(503, "Paystack webhooks are not configured (CDC_PAYSTACK_SECRET_KEY is unset)")
+        body = await _read_body(request)
+        if not paystack.verify(secret, body, request.headers.get("x-paystack-signature")):
+            raise _Rejected(401, "x-paystack-signature does not match the body")
+        doc, raw = load_json(body)
+        event = paystack.parse_event(doc)
+    except _Rejected as exc:
+        return _rejection(provider, request, exc.status, exc.reason)
+    except BadPayload as exc:
+        return _rejection(provider, request, 400, str(exc))
+    if isinstance(event, paystack.PaystackOther):
+        log.info("webhook acknowledged, not recorded", extra={"provider": provider, "event": event.event[:100]})
+        return JSONResponse({"received": True, "outcome": "ignored"})
+    if isinstance(event, paystack.PaystackCharge):
+        charge = event
+        result = await _record(provider, request, lambda pool: record_paystack_charge(pool, charge, raw))
+    else:
+        refund = event
+        result = await _record(provider, request, lambda pool: record_paystack_refund(pool, refund, raw))
+    if isinstance(result, Response):
+        return result
+    return JSONResponse({"received": True, "outcome": result.outcome})
+
+
+async def _mpesa_body(request: Request) -> tuple[Any, str]:
+    _check_mpesa_caller(request)
+    return load_json(await _read_body(request))
+
+
+async def mpesa_stk(request: Request) -> Response:
+    provider = mpesa.PROVIDER
+    try:
+        doc, raw = await _mpesa_body(request)
+        result = mpesa.parse_stk(doc)
+    except _Rejected as exc:
+        return _rejection(provider, request, exc.status, exc.reason)
+    except BadPayload as exc:
+        return _rejection(provider, request, 400, str(exc))
+    recorded = await _record(provider, request, lambda pool: record_stk(pool, result, raw))
+    return recorded if isinstance(recorded, Response) else JSONResponse(STK_ACCEPTED)
+
+
+async def mpesa_c2b_validation(request: Request) -> Response:
+    """Accept every well-formed payment: validation happens before the money moves, so nothing is recorded."""
+    provider = mpesa.PROVIDER
+    try:
+        doc, _raw = await _mpesa_body(request)
+        mpesa.parse_c2b(doc)
+    except _Rejected as exc:
+        return _rejection(provider, request, exc.status, exc.reason)
+    except BadPayload as exc:
+        return _rejection(provider, request, 400, str(exc))
+    return JSONResponse(C2B_ACCEPTED)
+
+
+async def mpesa_c2b_confirmation(request: Request) -> Response:
+    provider = mpesa.PROVIDER
+    try:
+        doc, raw = await _mpesa_body(request)
+        payment = mpesa.parse_c2b(doc)
+    except _Rejected as exc:
+        return _rejection(provider, request, exc.status, exc.reason)
+    except BadPayload as exc:
+        return _rejection(provider, request, 400, str(exc))
+    recorded = await _record(provider, request, lambda pool: record_c2b(pool, payment, raw))
+    return recorded if isinstance(recorded, Response) else JSONResponse(C2B_ACCEPTED)
+
+
+routes: list[BaseRoute] = [
+    Route("/v1/webhooks/paystack", paystack_webhook, methods=["POST"], name="webhook_paystack"),
+    Route("/v1/webhooks/mpesa/{token}/stk", mpesa_stk, methods=["POST"], name="webhook_mpesa_stk"),
+    Route(
+        "/v1/webhooks/mpesa/{token}/c2b/validation",
+        mpesa_c2b_validation,
+        methods=["POST"],
+        name="webhook_mpesa_c2b_validation",
+    ),
+    Route(
+        "/v1/webhooks/mpesa/{token}/c2b/confirmation",
+        mpesa_c2b_confirmation,
+        methods=["POST"],
+        name="webhook_mpesa_c2b_confirmation",
+    ),
+]

@@ -1,0 +1,187 @@
+"""Wire values: JSON bodies, exact amounts, provider timestamps and the loose typing providers send.
+
+Everything here raises `BadPayload` (answered 400, nothing recorded) for input we cannot record faithfully;
+it never guesses a number or a time.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from datetime import UTC, datetime, timedelta, timezone
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+__all__ = [
+    "BIGINT_MAX",
+    "EAT",
+    "BadPayload",
+    "currency_code",
+    "eat_timestamp",
+    "iso_timestamp",
+    "load_json",
+    "minor_units",
+    "obj",
+    "optional_text",
+    "optional_uuid",
+    "required_text",
+]
+
+BIGINT_MAX = 2**63 - 1
+# Kenya has kept UTC+3 without daylight saving since 1960; M-Pesa times carry no zone marker.
+EAT = timezone(timedelta(hours=3), "EAT")
+
+_CURRENCY = re.compile(r"^[A-Z]{3}$")
+_EAT_STAMP = re.compile(r"^\d{14}$")
+_NUMBER = re.compile(r"^[+]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d{1,3})?$")
+
+
+class BadPayload(ValueError):
+    """The body cannot be recorded as it is; the message says why (it is sent back and logged)."""
+
+
+def _reject_constant(name: str) -> Any:
+    raise BadPayload(f"not JSON: {name} is not a number")
+
+
+def _storable(value: Any) -> None:
+    # PostgreSQL's jsonb refuses NUL characters and lone surrogates that Python's json accepts; reject them
+    # here so such a body is a 400, not a failed insert.
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if "\x00" in item:
+                raise BadPayload("not storable: a string contains \\u0000")
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                raise BadPayload("not storable: a string contains an unpaired surrogate") from None
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+
+
+def load_json(body: bytes) -> tuple[Any, str]:
+    """The parsed document (floats as Decimal, so amounts stay exact) and the body text stored as `raw`."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadPayload("body is not UTF-8") from None
+    try:
+        doc = json.loads(text, parse_float=Decimal, parse_constant=_reject_constant)
+    except json.JSONDecodeError as exc:
+        raise BadPayload(f"not JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+    except RecursionError:
+        raise BadPayload("not JSON: nested too deeply") from None
+    _storable(doc)
+    return doc, text.lstrip("\ufeff")
+
+
+def obj(value: Any, where: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise BadPayload(f"{where} must be an object")
+    return value
+
+
+def required_text(value: Any, where: str, *, max_length: int = 200) -> str:
+    """A non-empty identifier; numbers are accepted as their decimal text (providers mix the two)."""
+    text = optional_text(value, where, max_length=max_length)
+    if not text:
+        raise BadPayload(f"{where} is missing")
+    return text
+
+
+def optional_text(value: Any, where: str, *, max_length: int = 200) -> str | None:
+    """A string, a whole number as text, or None for null/""/absent."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise BadPayload(f"{where} must be a string")
+    if isinstance(value, int):
+        text = str(value)
+    elif isinstance(value, Decimal) and value.is_finite() and value == value.to_integral_value():
+        text = str(int(value))
+    elif isinstance(value, str):
+        text = value.strip()
+    else:
+        raise BadPayload(f"{where} must be a string")
+    if len(text) > max_length:
+        raise BadPayload(f"{where} is longer than {max_length} characters")
+    return text or None
+
+
+def optional_uuid(value: Any) -> uuid.UUID | None:
+    """A UUID when the value spells one, else None (metadata is free-form: not an error)."""
+    if not isinstance(value, str):
+        return None
+    try:
+        return uuid.UUID(value.strip())
+    except ValueError:
+        return None
+
+
+def minor_units(value: Any, where: str, *, scale: int) -> int:
+    """An exact amount in minor units: `value` (a JSON number or a numeric string) times `scale`.
+
+    Fractions of a minor unit, negative amounts and amounts beyond bigint are refused rather than rounded.
+    """
+    if isinstance(value, bool) or value is None:
+        raise BadPayload(f"{where} is missing" if value is None else f"{where} must be a number")
+    if isinstance(value, int):
+        amount = Decimal(value)
+    elif isinstance(value, Decimal):
+        amount = value
+    elif isinstance(value, str):
+        text = value.strip()
+        if not _NUMBER.match(text):
+            raise BadPayload(f"{where} must be a number (got {value[:40]!r})")
+        try:
+            amount = Decimal(text)
+        except InvalidOperation:
+            raise BadPayload(f"{where} must be a number") from None
+    else:
+        raise BadPayload(f"{where} must be a number")
+    if not amount.is_finite() or amount < 0:
+        raise BadPayload(f"{where} must be a non-negative number")
+    if amount > Decimal(BIGINT_MAX) / scale:
+        raise BadPayload(f"{where} is too large")
+    minor = amount * scale
+    if minor != minor.to_integral_value():
+        raise BadPayload(f"{where} has a fraction of a minor unit ({value})")
+    return int(minor)
+
+
+def currency_code(value: Any, where: str) -> str:
+    text = required_text(value, where, max_length=3).upper()
+    if not _CURRENCY.match(text):
+        raise BadPayload(f"{where} must be an ISO 4217 code such as KES")
+    return text
+
+
+def eat_timestamp(value: Any, where: str) -> datetime | None:
+    """M-Pesa's `YYYYMMDDHHmmss` (a number or a string) in Kenyan time, as an aware UTC datetime."""
+    text = optional_text(value, where, max_length=20)
+    if text is None:
+        return None
+    if not _EAT_STAMP.match(text):
+        raise BadPayload(f"{where} must be YYYYMMDDHHmmss (got {text!r})")
+    try:
+        return datetime.strptime(text, "%Y%m%d%H%M%S").replace(tzinfo=EAT).astimezone(UTC)
+    except (ValueError, OverflowError):
+        raise BadPayload(f"{where} is not a valid time (got {text!r})") from None
+
+
+def iso_timestamp(value: Any, where: str) -> datetime | None:
+    """An ISO 8601 time (Paystack's `2025-02-11T10:42:20.000Z`) as an aware UTC datetime; naive means UTC."""
+    text = optional_text(value, where, max_length=40)
+    if text is None:
+        return None
+    try:
+        parsed = datetime.fromisoformat(text)
+        return (parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).astimezone(UTC)
+    except (ValueError, OverflowError):
+        raise BadPayload(f"{where} is not an ISO 8601 time (got {text!r})") from None

@@ -1,0 +1,546 @@
+"""Webhooks end to end: provider payloads (tests/fixtures/providers and variants) through real HTTP into
+real PostgreSQL, checked in the tables the dashboards read."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+
+from cdc_dashboard.ingest.paystack import sign
+
+from .webhook_server import PAYSTACK_SECRET, WebhookServer, fixture, serve_webhooks, table_counts
+
+C2B_ACCEPTED = {"ResultCode": "0", "ResultDesc": "Accepted"}
+
+
+@pytest.fixture
+def server(db_url: str) -> Iterator[WebhookServer]:
+    with serve_webhooks(db_url) as running:
+        yield running
+
+
+def charge(business_id: uuid.UUID | None = None, **data: Any) -> dict[str, Any]:
+    body = fixture("paystack/charge_success_kes")
+    if business_id is not None:
+        body["data"]["metadata"]["business_id"] = str(business_id)
+    body["data"].update(data)
+    return body
+
+
+def payments(server: WebhookServer) -> list[tuple[Any, ...]]:
+    return server.query(
+        "select business_id, client_id, booking_id, amount_minor, currency, method, status, provider,"
+        " provider_reference, mpesa_receipt, paid_at from payments order by created_at"
+    )
+
+
+# -- Paystack ------------------------------------------------------------------------------------------------
+
+
+def test_paystack_charge_records_payment_transaction_ledger_and_client(server: WebhookServer) -> None:
+    business = server.business()
+    body = json.dumps(charge(business)).encode()
+    response = server.paystack(body)
+    assert response.status_code == 200, response.text
+    assert response.json()["outcome"] == "recorded"
+    [(biz, client, booking, amount, currency, method, status, provider, ref, receipt, paid_at)] = payments(server)
+    assert (biz, booking, amount, currency, method, status) == (business, None, 10000, "KES", "paystack", "completed")
+    assert (provider, ref, receipt) == ("paystack", "T173424527684156", None)
+    assert paid_at == datetime(2025, 2, 11, 10, 42, 20, tzinfo=UTC)
+    assert server.one("select email from clients where id = %s", client) == "h0e5lcb0f0tnqrmixoqa@paystackdemoke-vt.com"
+    raw, pt_status, pt_amount = server.one(
+        "select raw, status, amount_minor from payment_transactions where business_id = %s", business
+    )
+    assert raw == json.loads(body) and (pt_status, pt_amount) == ("completed", 10000)
+    assert server.query("select type, amount_minor, client_id from client_business_transactions") == [
+        ("payment", 10000, client)
+    ]
+
+
+def test_paystack_subaccount_attributes_the_business(server: WebhookServer) -> None:
+    business = server.business(subaccount="ACCT_6rjxs8ehbkl1e3")
+    response = server.paystack(charge(subaccount={"subaccount_code": "ACCT_6rjxs8ehbkl1e3"}))
+    assert response.status_code == 200
+    assert [p[0] for p in payments(server)] == [business]
+
+
+def test_paystack_unknown_business_is_kept_unattributed(server: WebhookServer) -> None:
+    business = server.business()
+    # The verbatim sample names no business; an unknown business id in metadata is no better.
+    for body in (charge(), charge(uuid.uuid4(), reference="T-unknown-2")):
+        response = server.paystack(body)
+        assert response.status_code == 200, response.text
+        assert response.json()["outcome"] == "unattributed"
+    assert payments(server) == []
+    rows = server.query("select business_id, payment_id, raw->'data'->>'reference' from payment_transactions")
+    assert sorted(rows, key=str) == [(None, None, "T-unknown-2"), (None, None, "T173424527684156")]
+    assert server.query("select count(*) from client_business_transactions") == [(0,)]
+    assert server.query("select count(*) from payments where business_id = %s", business) == [(0,)]
+
+
+@pytest.mark.parametrize(
+    "signature",
+    [None, "", "0" * 128, "not-hex", sign(PAYSTACK_SECRET, b"{}"), sign("sk_test_other", b"x")],
+)
+def test_paystack_bad_signature_is_401_and_records_nothing(server: WebhookServer, signature: str | None) -> None:
+    server.business()
+    before = table_counts(server)
+    response = server.paystack(charge(), signature=signature)
+    assert response.status_code == 401
+    assert "signature" in response.json()["error"]
+    assert table_counts(server) == before
+
+
+def test_paystack_signature_is_over_the_raw_bytes(server: WebhookServer) -> None:
+    business = server.business()
+    body = charge(business)
+    compact = json.dumps(body, separators=(",", ":")).encode()
+    spaced = json.dumps(body, indent=4).encode()
+    # Signed over the compact form, sent spaced: the same JSON, other bytes.
+    assert server.paystack(spaced, signature=sign(PAYSTACK_SECRET, compact)).status_code == 401
+    assert server.paystack(spaced, signature=sign(PAYSTACK_SECRET, spaced)).status_code == 200
+    assert len(payments(server)) == 1
+
+
+@pytest.mark.parametrize(
+    ("metadata", "amount"),
+    [
+        (0, 10000),
+        ("", "10000"),
+        (None, " 10000 "),
+        ("METADATA_AS_JSON_STRING", 10000),
+    ],
+)
+def test_paystack_parser_tolerance(server: WebhookServer, metadata: Any, amount: Any) -> None:
+    business = server.business(subaccount="ACCT_tolerant")
+    body = charge(amount=amount, subaccount={"subaccount_code": "ACCT_tolerant"})
+    if metadata == "METADATA_AS_JSON_STRING":
+        body["data"]["metadata"] = json.dumps({"business_id": str(business)})
+        body["data"]["subaccount"] = {}
+    else:
+        body["data"]["metadata"] = metadata
+    response = server.paystack(body)
+    assert response.status_code == 200, response.text
+    assert [(p[0], p[3]) for p in payments(server)] == [(business, 10000)]
+
+
+def test_paystack_paid_at_falls_back_to_paidAt(server: WebhookServer) -> None:
+    business = server.business()
+    body = charge(business)
+    del body["data"]["paid_at"]
+    body["data"]["paidAt"] = "2025-02-11T13:42:20+03:00"
+    assert server.paystack(body).status_code == 200
+    assert payments(server)[0][10] == datetime(2025, 2, 11, 10, 42, 20, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ({"reference": None}, "data.reference"),
+        ({"reference": ""}, "data.reference"),
+        ({"amount": "100.5"}, "fraction"),
+        ({"amount": -1}, "non-negative"),
+        ({"amount": "ten"}, "number"),
+        ({"amount": True}, "number"),
+        ({"amount": 2**63}, "too large"),
+        ({"currency": "shillings"}, "data.currency"),
+        ({"paid_at": "yesterday"}, "data.paid_at"),
+    ],
+)
+def test_paystack_missing_or_malformed_fields_are_400(
+    server: WebhookServer, change: dict[str, Any], reason: str
+) -> None:
+    business = server.business()
+    before = table_counts(server)
+    response = server.paystack(charge(business, **change))
+    assert response.status_code == 400, response.text
+    assert reason in response.json()["error"]
+    assert table_counts(server) == before
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"",
+        b"{",
+        b"[]",
+        b'{"event": "charge.success"}',
+        b'{"event": "charge.success", "data": 1}',
+        b"\xff\xfe",
+        b'{"event": "charge.success", "data": {"amount": NaN}}',
+        b'{"event": "charge.success", "data": {"reference": "a\\u0000b", "amount": 1, "currency": "KES"}}',
+    ],
+)
+def test_paystack_malformed_body_is_400(server: WebhookServer, body: bytes) -> None:
+    before = table_counts(server)
+    response = server.paystack(body)
+    assert response.status_code == 400, response.text
+    assert table_counts(server) == before
+
+
+def test_paystack_other_events_are_acknowledged_and_not_recorded(server: WebhookServer) -> None:
+    before = table_counts(server)
+    response = server.paystack({"event": "transfer.success", "data": {"reference": "x"}})
+    assert response.status_code == 200
+    assert response.json()["outcome"] == "ignored"
+    assert table_counts(server) == before
+
+
+def test_paystack_five_parallel_duplicates_record_one_payment(server: WebhookServer) -> None:
+    business = server.business()
+    body = json.dumps(charge(business)).encode()
+    with ThreadPoolExecutor(5) as pool:
+        responses = list(pool.map(lambda _: server.paystack(body), range(5)))
+    assert [r.status_code for r in responses] == [200] * 5
+    assert sorted(r.json()["outcome"] for r in responses) == ["duplicate"] * 4 + ["recorded"]
+    assert table_counts(server) == {
+        "payments": 1,
+        "payment_transactions": 1,
+        "client_business_transactions": 1,
+        "clients": 1,
+        "bookings": 0,
+    }
+
+
+def test_paystack_returning_client_is_found_by_email(server: WebhookServer) -> None:
+    business = server.business()
+    first = charge(business, reference="R-1")
+    second = charge(business, reference="R-2")
+    second["data"]["customer"]["email"] = first["data"]["customer"]["email"].upper()
+    assert server.paystack(first).status_code == 200
+    assert server.paystack(second).status_code == 200
+    assert server.one("select count(distinct client_id) from payments") == 1
+    assert server.one("select count(*) from clients") == 1
+
+
+def test_paystack_pending_payment_created_by_the_app_is_completed(server: WebhookServer) -> None:
+    business = server.business()
+    payment_id = uuid.uuid4()
+    server.query(
+        "insert into payments (id, business_id, amount_minor, currency, method, status, provider, provider_reference)"
+        " values (%s, %s, 10000, 'KES', 'paystack', 'pending', 'paystack', 'T173424527684156')",
+        payment_id,
+        business,
+    )
+    response = server.paystack(charge())  # no metadata: the pending payment says whose it is
+    assert response.json()["outcome"] == "recorded"
+    assert server.one("select status from payments where id = %s", payment_id) == "completed"
+    assert server.one("select count(*) from payments") == 1
+
+
+def test_booking_partially_paid_then_paid_then_refunded(server: WebhookServer) -> None:
+    business = server.business()
+    booking = server.booking(business, 15000)
+    first = charge(business, reference="B-1", amount=10000)
+    first["data"]["metadata"]["booking_id"] = str(booking)
+    second = charge(business, reference="B-2", amount="5000")
+    second["data"]["metadata"]["booking_id"] = str(booking)
+    status = "select payment_status from bookings where id = %s"
+    assert server.paystack(first).status_code == 200
+    assert server.one(status, booking) == "partially_paid"
+    assert server.paystack(second).status_code == 200
+    assert server.one(status, booking) == "paid"
+    for reference in ("B-1", "B-2"):
+        refund = fixture("paystack/refund_processed")
+        refund["data"].update(transaction_reference=reference, currency="KES")
+        response = server.paystack(refund)
+        assert response.json()["outcome"] == "refunded"
+        assert server.one(status, booking) == ("partially_paid" if reference == "B-1" else "refunded")
+
+
+def test_refund_marks_payment_refunded_once(server: WebhookServer) -> None:
+    business = server.business()
+    booking = server.booking(business, 10000)
+    body = charge(business, reference="T2154954_412829_3be32076_6lcg3")
+    body["data"]["metadata"]["booking_id"] = str(booking)
+    assert server.paystack(body).status_code == 200
+    refund = json.dumps(fixture("paystack/refund_processed")).encode()  # amount "5000" as a string, NGN
+    outcomes = [server.paystack(refund).json()["outcome"] for _ in range(2)]
+    assert outcomes == ["refunded", "duplicate"]
+    assert server.one("select status from payments") == "refunded"
+    assert server.one("select payment_status from bookings where id = %s", booking) == "refunded"
+    assert server.query("select type, amount_minor, currency from client_business_transactions order by type") == [
+        ("payment", 10000, "KES"),
+        ("refund", 5000, "NGN"),
+    ]
+    assert server.one("select count(*) from payment_transactions where status = 'refunded'") == 1
+
+
+def test_refund_of_unknown_charge_is_unattributed(server: WebhookServer) -> None:
+    response = server.paystack(fixture("paystack/refund_processed"))
+    assert response.status_code == 200
+    assert response.json()["outcome"] == "unattributed"
+    assert server.query("select business_id, payment_id, status from payment_transactions") == [
+        (None, None, "refunded")
+    ]
+
+
+def test_unconfigured_providers_answer_503_and_record_nothing(db_url: str) -> None:
+    with serve_webhooks(db_url, paystack_secret_key=None, mpesa_callback_token=None) as bare:
+        bare.business(shortcode="600966")
+        before = table_counts(bare)
+        assert bare.paystack(charge()).status_code == 503
+        for kind in ("stk", "c2b/validation", "c2b/confirmation"):
+            assert bare.mpesa(kind, fixture("mpesa/c2b_confirmation_v2")).status_code == 503
+        assert table_counts(bare) == before
+
+
+def test_body_over_one_megabyte_is_413_and_records_nothing(server: WebhookServer) -> None:
+    business = server.business(shortcode="600966")
+    big = charge(business)
+    big["data"]["padding"] = "x" * (1024 * 1024)
+    raw = json.dumps(big).encode()
+    before = table_counts(server)
+    assert server.paystack(raw).status_code == 413
+    c2b = fixture("mpesa/c2b_confirmation_v2")
+    c2b["padding"] = "x" * (1024 * 1024)
+    assert server.mpesa("c2b/confirmation", c2b).status_code == 413
+
+    # Without a Content-Length (chunked), the limit still holds.
+    def chunks() -> Iterator[bytes]:
+        for start in range(0, len(raw), 65536):
+            yield raw[start : start + 65536]
+
+    response = server.http.post(
+        "/v1/webhooks/paystack", content=chunks(), headers={"x-paystack-signature": sign(PAYSTACK_SECRET, raw)}
+    )
+    assert response.status_code == 413
+    assert table_counts(server) == before
+
+
+# -- M-Pesa --------------------------------------------------------------------------------------------------
+
+STK_CHECKOUT = "ws_CO_191220191020363925"
+
+
+def test_stk_success_completes_the_pending_payment(server: WebhookServer) -> None:
+    business = server.business()
+    booking = server.booking(business, 100)
+    payment_id = server.pending_stk(business, STK_CHECKOUT, 100, booking)
+    response = server.mpesa("stk", fixture("mpesa/stk_success"))
+    assert response.status_code == 200
+    assert response.json() == {"ResultCode": 0, "ResultDesc": "Accepted"}
+    status, amount, receipt, paid_at, client = server.one(
+        "select status, amount_minor, mpesa_receipt, paid_at, client_id from payments where id = %s", payment_id
+    )
+    # TransactionDate 20191219102115 is Kenyan time (UTC+3).
+    assert (status, amount, receipt) == ("completed", 100, "NLJ7RT61SV")
+    assert paid_at == datetime(2019, 12, 19, 7, 21, 15, tzinfo=UTC)
+    assert server.one("select phone from clients where id = %s", client) == "254708374149"
+    assert server.one("select payment_status from bookings where id = %s", booking) == "paid"
+    assert server.one("select count(*) from client_business_transactions where payment_id = %s", payment_id) == 1
+    assert server.one("select raw->'Body'->'stkCallback'->>'CheckoutRequestID' from payment_transactions") == (
+        STK_CHECKOUT
+    )
+
+
+def test_stk_cancelled_fails_the_pending_payment(server: WebhookServer) -> None:
+    business = server.business()
+    payment_id = server.pending_stk(business, "ws_CO_21072024125243250722943992", 2500)
+    for _ in range(2):
+        assert server.mpesa("stk", fixture("mpesa/stk_cancelled")).status_code == 200
+    assert server.one("select status from payments where id = %s", payment_id) == "failed"
+    assert server.query("select status, amount_minor, payment_id from payment_transactions") == [
+        ("failed", 2500, payment_id)
+    ]
+    assert server.one("select count(*) from client_business_transactions") == 0
+
+
+def test_stk_for_unknown_checkout_is_unattributed(server: WebhookServer) -> None:
+    response = server.mpesa("stk", fixture("mpesa/stk_success"))
+    assert response.status_code == 200
+    assert server.query("select business_id, payment_id, amount_minor from payment_transactions") == [(None, None, 100)]
+    assert server.one("select count(*) from payments") == 0
+
+
+def test_stk_parser_tolerance(server: WebhookServer) -> None:
+    business = server.business()
+    payment_id = server.pending_stk(business, STK_CHECKOUT, 100)
+    body = fixture("mpesa/stk_success")
+    callback = body["Body"]["stkCallback"]
+    callback["ResultCode"] = "0"
+    callback["CallbackMetadata"]["Item"] = [
+        {"Name": "Amount", "Value": 1},
+        {"Name": "MpesaReceiptNumber", "Value": "NLJ7RT61SV"},
+        {"Name": "Balance"},
+        {"Name": "TransactionDate", "Value": "20191219102115"},
+        {"Name": "PhoneNumber", "Value": "254708374149"},
+    ]
+    assert server.mpesa("stk", body).status_code == 200
+    assert server.one("select status, amount_minor from payments where id = %s", payment_id) == ("completed", 100)
+
+
+@pytest.mark.parametrize(
+    ("amount", "minor"),
+    [("1.00", 100), ("1", 100), ("1.5", 150), ("1.005", None), ("-1", None), ("12345.67", 1234567)],
+)
+def test_mpesa_amount_is_exact(server: WebhookServer, amount: str, minor: int | None) -> None:
+    server.business(shortcode="600966")
+    raw = json.dumps(fixture("mpesa/c2b_confirmation_v2")).replace('"5.00"', amount).encode()
+    response = server.mpesa("c2b/confirmation", raw)  # Amount as a bare JSON number
+    if minor is None:
+        assert response.status_code == 400
+        assert server.one("select count(*) from payments") == 0
+    else:
+        assert response.status_code == 200, response.text
+        assert server.one("select amount_minor from payments") == minor
+
+
+def test_c2b_confirmation_records_payment_for_the_shortcode(server: WebhookServer) -> None:
+    business = server.business(shortcode="600966")
+    response = server.mpesa("c2b/confirmation", fixture("mpesa/c2b_confirmation_v2"))
+    assert response.status_code == 200
+    assert response.json() == C2B_ACCEPTED
+    [(biz, client, _, amount, currency, method, status, provider, ref, receipt, paid_at)] = payments(server)
+    assert (biz, amount, currency, method, status) == (business, 500, "KES", "mpesa", "completed")
+    assert (provider, ref, receipt) == ("mpesa", "RKL51ZDR4F", "RKL51ZDR4F")
+    assert paid_at == datetime(2023, 11, 21, 9, 13, 25, tzinfo=UTC)  # 12:13:25 in Nairobi
+    assert server.one("select (name, phone) from clients where id = %s", client) == ("NICHOLAS", "2547 ***** 126")
+
+
+def test_c2b_nulls_for_empty_strings_and_returning_client(server: WebhookServer) -> None:
+    server.business(shortcode="600966")
+    first = fixture("mpesa/c2b_confirmation_v2")
+    second = fixture("mpesa/c2b_confirmation_v2")
+    second.update(TransID="RKL51ZDR4G", MiddleName=None, LastName=None, InvoiceNumber=None, ThirdPartyTransID=None)
+    second.update(BusinessShortCode=600966, TransTime=20231121121325, TransAmount=5)
+    assert server.mpesa("c2b/confirmation", first).status_code == 200
+    assert server.mpesa("c2b/confirmation", second).status_code == 200
+    assert server.one("select count(*) from payments") == 2
+    assert server.one("select count(*) from clients") == 1
+
+
+def test_c2b_unknown_shortcode_is_unattributed(server: WebhookServer) -> None:
+    server.business(shortcode="111111")
+    response = server.mpesa("c2b/confirmation", fixture("mpesa/c2b_confirmation_v2"))
+    assert response.json() == C2B_ACCEPTED
+    assert server.one("select count(*) from payments") == 0
+    assert server.query("select business_id, payment_id from payment_transactions") == [(None, None)]
+
+
+def test_c2b_validation_accepts_and_records_nothing(server: WebhookServer) -> None:
+    server.business(shortcode="600966")
+    before = table_counts(server)
+    response = server.mpesa("c2b/validation", fixture("mpesa/c2b_confirmation_v2"))
+    assert response.json() == C2B_ACCEPTED
+    assert table_counts(server) == before
+
+
+@pytest.mark.parametrize("kind", ["stk", "c2b/validation", "c2b/confirmation"])
+def test_mpesa_bad_token_is_401_and_records_nothing(server: WebhookServer, kind: str) -> None:
+    server.business(shortcode="600966")
+    before = table_counts(server)
+    body = fixture("mpesa/c2b_confirmation_v2" if kind != "stk" else "mpesa/stk_success")
+    for token in ("wrong", "cb-" + "t" * 39, "cb-" + "t" * 41):
+        assert server.mpesa(kind, body, token=token).status_code == 401
+    assert table_counts(server) == before
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"",
+        b"not json",
+        b"[1]",
+        b'{"Body": {}}',
+        b'{"Body": {"stkCallback": {"CheckoutRequestID": "x"}}}',
+        b'{"Body": {"stkCallback": {"CheckoutRequestID": "x", "ResultCode": 0}}}',
+    ],
+)
+def test_stk_malformed_is_400(server: WebhookServer, body: bytes) -> None:
+    before = table_counts(server)
+    assert server.mpesa("stk", body).status_code == 400
+    assert table_counts(server) == before
+
+
+def _stk_for(receipt: str, checkout: str, amount: Any = 5) -> dict[str, Any]:
+    body = fixture("mpesa/stk_success")
+    callback = body["Body"]["stkCallback"]
+    callback["CheckoutRequestID"] = checkout
+    callback["CallbackMetadata"]["Item"][0]["Value"] = amount
+    callback["CallbackMetadata"]["Item"][1]["Value"] = receipt
+    return body
+
+
+def test_same_receipt_by_stk_then_c2b_is_one_payment(server: WebhookServer) -> None:
+    business = server.business(shortcode="600966")
+    booking = server.booking(business, 500)
+    payment_id = server.pending_stk(business, "ws_CO_A", 500, booking)
+    assert server.mpesa("stk", _stk_for("RKL51ZDR4F", "ws_CO_A")).status_code == 200
+    response = server.mpesa("c2b/confirmation", fixture("mpesa/c2b_confirmation_v2"))
+    assert response.json() == C2B_ACCEPTED
+    assert server.query("select id, status, mpesa_receipt from payments") == [(payment_id, "completed", "RKL51ZDR4F")]
+    assert server.one("select count(*) from client_business_transactions") == 1
+    assert server.one("select payment_status from bookings") == "paid"
+
+
+def test_same_receipt_by_c2b_then_stk_is_one_payment(server: WebhookServer) -> None:
+    business = server.business(shortcode="600966")
+    booking = server.booking(business, 500)
+    server.pending_stk(business, "ws_CO_B", 500, booking)
+    assert server.mpesa("c2b/confirmation", fixture("mpesa/c2b_confirmation_v2")).status_code == 200
+    assert server.mpesa("stk", _stk_for("RKL51ZDR4F", "ws_CO_B")).status_code == 200
+    # The C2B payment stays; it takes the booking the app had attached to the STK push.
+    assert server.query("select provider_reference, status, booking_id from payments") == [
+        ("RKL51ZDR4F", "completed", booking)
+    ]
+    assert server.one("select count(*) from client_business_transactions") == 1
+    assert server.one("select payment_status from bookings") == "paid"
+
+
+def test_same_receipt_by_stk_and_c2b_in_parallel_is_one_payment(server: WebhookServer) -> None:
+    business = server.business(shortcode="600966")
+    for round_ in range(5):
+        receipt = f"RKL51ZDR{round_:02d}"
+        server.pending_stk(business, f"ws_CO_P{round_}", 500)
+        c2b = fixture("mpesa/c2b_confirmation_v2")
+        c2b["TransID"] = receipt
+        calls = [("stk", _stk_for(receipt, f"ws_CO_P{round_}")), ("c2b/confirmation", c2b)] * 3
+        with ThreadPoolExecutor(6) as pool:
+            codes = list(pool.map(lambda call: server.mpesa(call[0], call[1]).status_code, calls))
+        assert codes == [200] * 6
+        assert server.one("select count(*) from payments where mpesa_receipt = %s", receipt) == 1
+    assert server.one("select count(*) from payments") == 5
+    assert server.one("select count(*) from client_business_transactions") == 5
+
+
+def test_source_ip_allow_list(db_url: str) -> None:
+    body = fixture("mpesa/c2b_confirmation_v2")
+    with serve_webhooks(db_url, mpesa_allowed_ips=["196.201.214.0/24"]) as strict:
+        strict.business(shortcode="600966")
+        assert strict.mpesa("c2b/confirmation", body).status_code == 403
+        # 127.0.0.1 is no trusted proxy here: its X-Forwarded-For proves nothing.
+        spoofed = {"x-forwarded-for": "196.201.214.200"}
+        assert strict.mpesa("c2b/confirmation", body, headers=spoofed).status_code == 403
+        assert strict.one("select count(*) from payments") == 0
+    with serve_webhooks(db_url, mpesa_allowed_ips=["196.201.214.0/24"], trusted_proxies=["127.0.0.1"]) as proxied:
+        # The caller wrote the left hop; the proxy appended the right one: the right one is believed.
+        forged = {"x-forwarded-for": "196.201.214.200, 203.0.113.9"}
+        assert proxied.mpesa("c2b/confirmation", body, headers=forged).status_code == 403
+        good = {"x-forwarded-for": "203.0.113.9, 196.201.214.200"}
+        assert proxied.mpesa("c2b/confirmation", body, headers=good).status_code == 200
+        assert proxied.one("select count(*) from payments") == 1
+
+
+def test_webhooks_answer_within_100_ms(server: WebhookServer) -> None:
+    business = server.business(shortcode="600966")
+    timings = []
+    for n in range(15):
+        c2b = fixture("mpesa/c2b_confirmation_v2")
+        c2b["TransID"] = f"SPEED{n:05d}"
+        started = time.perf_counter()
+        response = server.mpesa("c2b/confirmation", c2b)
+        timings.append(time.perf_counter() - started)
+        assert response.status_code == 200
+        started = time.perf_counter()
+        assert server.paystack(charge(business, reference=f"SPEED-{n}")).status_code == 200
+        timings.append(time.perf_counter() - started)
+    assert statistics.median(timings) < 0.1, timings
