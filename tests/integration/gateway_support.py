@@ -21,6 +21,7 @@ from typing import IO, Any
 import aiohttp
 import psycopg
 import uvicorn
+from starlette.applications import Starlette
 
 from cdc_dashboard.config import Settings
 from cdc_dashboard.gateway.app import create_app
@@ -80,8 +81,14 @@ class Gateway:
     server: uvicorn.Server
 
     @property
+    def app(self) -> Starlette:
+        app = self.server.config.app
+        assert isinstance(app, Starlette)
+        return app
+
+    @property
     def app_state(self) -> Any:
-        return self.server.config.app.state  # type: ignore[union-attr]
+        return self.app.state
 
 
 @contextlib.asynccontextmanager
