@@ -55,7 +55,7 @@ def test_minor_units_refuses(value: Any) -> None:
 
 
 @given(st.decimals(min_value=0, max_value=10**12, places=2, allow_nan=False, allow_infinity=False))
-@settings(max_examples=50)
+@settings(max_examples=50, database=None)
 def test_minor_units_shillings_round_trip(shillings: Decimal) -> None:
     as_json = json.loads(
         json.dumps({"a": str(shillings)}).replace(f'"{shillings}"', str(shillings)), parse_float=Decimal
