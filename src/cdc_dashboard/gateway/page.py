@@ -38,6 +38,7 @@ _PAGE_HEADERS = {
 _ERROR_PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1"><meta name="referrer" content="no-referrer">
+<link rel="icon" href="data:,">
 <title>{title}</title><link rel="stylesheet" href="../static/dashboard.css"></head>
 <body><main><section class="panel"><h1>{title}</h1><p>{message}</p></section></main></body></html>
 """

@@ -21,13 +21,20 @@ const BOOKING_STATUSES = ["confirmed", "pending", "completed", "cancelled", "no_
 class QueryCache {
   constructor() {
     /** @type {Map<string, {queryKey: unknown[], fetcher: (signal: AbortSignal) => Promise<unknown>,
-     *   onData: (data: unknown) => void, data: unknown, controller: AbortController | null}>} */
+     *   onData: (data: unknown) => void, data: unknown, failed: boolean, controller: AbortController | null}>} */
     this.queries = new Map();
   }
 
   /** Register a query; it is fetched by the first invalidation (or `fetchAll`). */
   define(queryKey, fetcher, onData) {
-    this.queries.set(JSON.stringify(queryKey), { queryKey, fetcher, onData, data: undefined, controller: null });
+    this.queries.set(JSON.stringify(queryKey), {
+      queryKey,
+      fetcher,
+      onData,
+      data: undefined,
+      failed: false,
+      controller: null,
+    });
   }
 
   getQueryData(queryKey) {
@@ -48,6 +55,11 @@ class QueryCache {
     return this.invalidateQueries({});
   }
 
+  /** Refetch the queries whose last fetch failed (e.g. when the connection comes back). */
+  refetchFailed() {
+    return Promise.all([...this.queries.values()].filter((q) => q.failed).map((q) => this.fetch(q)));
+  }
+
   async fetch(query) {
     // A fetch in flight may have read the database before the event that invalidated it; cancel it so the
     // result that lands is the newer one (what TanStack's cancelRefetch does).
@@ -55,18 +67,40 @@ class QueryCache {
     const controller = new AbortController();
     query.controller = controller;
     try {
-      const data = await query.fetcher(controller.signal);
-      if (controller.signal.aborted) return;
-      query.data = data;
-      query.onData(data);
-      onFetched();
+      // Like TanStack's default: a failed fetch is retried a few times (1 s, 2 s) before it counts as failed.
+      for (let attempt = 0; ; attempt += 1) {
+        try {
+          const data = await query.fetcher(controller.signal);
+          if (controller.signal.aborted) return;
+          query.data = data;
+          query.failed = false;
+          query.onData(data);
+          onFetched();
+          return;
+        } catch (err) {
+          if (controller.signal.aborted || err?.name === "AbortError") return;
+          if (attempt >= 2 || isAuthError(err)) throw err;
+          await sleep(1000 * 2 ** attempt, controller.signal);
+        }
+      }
     } catch (err) {
       if (controller.signal.aborted || err?.name === "AbortError") return;
+      query.failed = true;
       onFetchFailed(err);
     } finally {
       if (query.controller === controller) query.controller = null;
     }
   }
+}
+
+function sleep(ms, signal) {
+  return new Promise((resolve) => {
+    const timer = setTimeout(resolve, ms);
+    signal.addEventListener("abort", () => {
+      clearTimeout(timer);
+      resolve();
+    });
+  });
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -253,12 +287,12 @@ function renderTransactions(body) {
  * Normalise a /revenue response to {currency: Map(bucketKey -> minor)}. Accepts the documented shape
  * (`series` per currency, points with `bucket` and `revenue_minor`) and tolerates close variants.
  */
-function seriesByCurrency(body, granularity) {
+function seriesByCurrency(body, granularity, keep = () => true) {
   const out = {};
   const add = (currency, point) => {
     const at = point.bucket ?? point.start ?? point.period ?? point.t ?? point.date ?? point.day ?? point.hour;
     const minor = point.revenue_minor ?? point.amount_minor ?? point.total_minor ?? point.value ?? 0;
-    if (at === undefined) return;
+    if (at === undefined || !keep(at)) return;
     const key = bucketKey(at, granularity);
     const series = (out[currency] ??= new Map());
     series.set(key, (series.get(key) ?? 0) + Number(minor));
@@ -277,12 +311,23 @@ function seriesByCurrency(body, granularity) {
   return out;
 }
 
-/** Bucket identity in the business's timezone: "YYYY-MM-DD" for days, the hour "HH" for today's hours. */
+// Buckets come labelled in the business's local time ("2026-11-27" for a day, "2026-11-27T14:00:00+03:00"
+// for an hour), so their local date and hour can be read off the label without any timezone arithmetic.
+const LOCAL_LABEL = /^(\d{4}-\d{2}-\d{2})(?:T(\d{2}))?/;
+
+/** The local calendar day of a bucket label (falls back to converting an instant). */
+function localDate(at, granularity) {
+  const m = LOCAL_LABEL.exec(String(at));
+  if (m && (granularity === "day" || m[2] !== undefined)) return m[1];
+  return dayKey(new Date(at));
+}
+
+/** Bucket identity: "YYYY-MM-DD" for days, the local hour "HH" for hours. */
 function bucketKey(at, granularity) {
-  if (granularity === "day" && /^\d{4}-\d{2}-\d{2}$/.test(String(at))) return String(at);
-  const when = new Date(at);
-  if (granularity === "day") return dayKey(when);
-  return timeFormat({ hour: "2-digit", hourCycle: "h23" }).format(when);
+  if (granularity === "day") return localDate(at, "day");
+  const m = LOCAL_LABEL.exec(String(at));
+  if (m && m[2] !== undefined) return m[2];
+  return timeFormat({ hour: "2-digit", hourCycle: "h23" }).format(new Date(at));
 }
 
 function chartBuckets(range) {
@@ -376,42 +421,25 @@ function renderChart() {
   if (!state.chartCurrency) container.append(el("p", { class: "empty" }, "No revenue in this period."));
 }
 
-function isoDaysAgo(days) {
-  return new Date(Date.now() - days * 86400000).toISOString();
-}
-
 async function fetchRevenue(signal) {
-  // Today by hour and the last 30 days by day; bounds generously wide, buckets are placed by local time.
-  const hourly = api(`${businessPath}/revenue?granularity=hour&from=${encodeURIComponent(isoDaysAgo(1.1))}`, { signal });
-  const daily = api(`${businessPath}/revenue?granularity=day&from=${encodeURIComponent(isoDaysAgo(31))}`, { signal });
-  const [hours, days] = await Promise.all([hourly, daily]);
+  // The gateway's defaults are what the chart shows: the last 24 hours by hour (today's hours are among
+  // them) and the last 30 days by day, in the business's timezone, zero-filled.
+  const [hours, days] = await Promise.all([
+    api(`${businessPath}/revenue?granularity=hour`, { signal }),
+    api(`${businessPath}/revenue?granularity=day`, { signal }),
+  ]);
   return { hours, days };
 }
 
 function renderRevenue({ hours, days }) {
+  // The series name their timezone; it may arrive before business-data does.
+  state.timezone ??= hours.timezone ?? days.timezone;
   const today = dayKey(new Date());
-  // Hourly points from yesterday (the window is wide for timezones) are not "today".
-  const todayOnly = seriesByCurrencyFiltered(hours, (point) => dayKey(new Date(pointTime(point))) === today);
-  state.revenue = { today: todayOnly, "30d": seriesByCurrency(days, "day") };
+  state.revenue = {
+    today: seriesByCurrency(hours, "hour", (at) => localDate(at, "hour") === today),
+    "30d": seriesByCurrency(days, "day"),
+  };
   renderChart();
-}
-
-function pointTime(point) {
-  return point.bucket ?? point.start ?? point.period ?? point.t ?? point.date ?? point.hour;
-}
-
-function seriesByCurrencyFiltered(body, keep) {
-  const filter = (points) => (Array.isArray(points) ? points.filter(keep) : points);
-  const series = body?.series ?? body?.revenue ?? body;
-  let filtered;
-  if (Array.isArray(series)) {
-    filtered = series.map((s) => (Array.isArray(s.points) ? { ...s, points: filter(s.points) } : s)).filter(
-      (s) => Array.isArray(s.points) || keep(s),
-    );
-  } else if (series && typeof series === "object") {
-    filtered = Object.fromEntries(Object.entries(series).map(([c, points]) => [c, filter(points)]));
-  }
-  return seriesByCurrency({ series: filtered }, "hour");
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -430,6 +458,8 @@ function showToast(payment) {
 
 function showStatus(status) {
   if (status === Status.CLOSED) return;
+  // Back live: the stream replays what changed meanwhile; only fetches that failed need repeating.
+  if (status === Status.LIVE) queryClient.refetchFailed();
   byId("connection").dataset.state = status;
   byTestId("connection-status").textContent = status;
 }
@@ -445,8 +475,12 @@ function onFetched() {
   byId("updated-at").textContent = `updated ${timeFormat({ hour: "2-digit", minute: "2-digit", second: "2-digit" }).format(new Date())}`;
 }
 
+function isAuthError(err) {
+  return err instanceof HttpError && (err.status === 401 || err.status === 403);
+}
+
 function onFetchFailed(err) {
-  if (err instanceof HttpError && (err.status === 401 || err.status === 403)) {
+  if (isAuthError(err)) {
     state.authFailed = true;
     live?.close();
     showBanner("This dashboard link has expired or is not valid for this business. Ask for a new link.");
