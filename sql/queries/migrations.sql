@@ -25,7 +25,7 @@ insert into dashboard.schema_migrations (version, checksum) values (%s, %s)
 on conflict (version) do update set checksum = excluded.checksum, applied_at = now()
 
 -- capture_installed --
-select to_regprocedure('cdc.capture_v1()') is not null
+select to_regprocedure('cdc.capture_function_source_v1(text, text, text, text[])') is not null
    and to_regprocedure('cdc.wake_v1()') is not null
    and to_regclass('cdc.change_log') is not null
 

@@ -4,6 +4,7 @@
 -- use. Apply with plain `psql -f install.sql` (idempotent: safe to run again); remove with uninstall.sql.
 --
 --   select cdc.track('public.payments', business_column => 'business_id', watch_columns => array['status']);
+--   (id_column => 'id' names the row key; watch_columns are copied, old and new, into each change)
 --   select cdc.untrack('public.payments');
 --
 -- Every object carries a _v1 suffix: a later version installs _v2 beside it, so a running listener never
@@ -62,48 +63,58 @@ begin
     end if;
 end $$;
 
--- The watched columns of a row image, as a small jsonb object (null when nothing is watched).
-create or replace function cdc.pick_v1(row_image jsonb, columns text[]) returns jsonb
+-- Row-level capture is generated per tracked table by cdc.track (cdc.capture_<hash>_v1): it reads the
+-- business key, the row key and the watched columns straight from NEW/OLD, so a write pays for a few field
+-- reads and one small insert - never for turning the whole row into JSON.
+create or replace function cdc.capture_function_name_v1(table_ref text) returns text
 language sql immutable as $$
-    select case when row_image is null or cardinality(columns) = 0 then null
-                else (select jsonb_object_agg(c, row_image -> c) from unnest(columns) as c) end
+    select 'capture_' || left(md5(table_ref), 16) || '_v1'
 $$;
 
--- Row-level capture. TG_ARGV: business column, id column, watched columns (a text[] literal).
-create or replace function cdc.capture_v1() returns trigger
-language plpgsql as $$
+create or replace function cdc.capture_function_source_v1(
+    table_ref text, business_column text, id_column text, watch_columns text[]
+) returns text
+language plpgsql immutable as $$
 declare
-    business_col text := tg_argv[0];
-    id_col       text := tg_argv[1];
-    watched      text[] := tg_argv[2]::text[];
-    new_image    jsonb;
-    old_image    jsonb;
-    new_business text;
-    old_business text;
-    table_ref    text := tg_table_schema || '.' || tg_table_name;
+    new_watch text := 'null';
+    old_watch text := 'null';
 begin
-    if tg_op <> 'DELETE' then
-        new_image := to_jsonb(new);
-        new_business := new_image ->> business_col;
+    if cardinality(watch_columns) > 0 then
+        select 'jsonb_build_object(' || string_agg(format('%L, new.%I', c, c), ', ') || ')',
+               'jsonb_build_object(' || string_agg(format('%L, old.%I', c, c), ', ') || ')'
+          into new_watch, old_watch
+          from unnest(watch_columns) as c;
     end if;
-    if tg_op <> 'INSERT' then
-        old_image := to_jsonb(old);
-        old_business := old_image ->> business_col;
-    end if;
+    return format($src$
+create or replace function cdc.%1$I() returns trigger
+language plpgsql as $body$
+begin
     -- A row with no business belongs to no dashboard (e.g. an unattributed webhook kept for audit).
-    if coalesce(new_business, old_business) is not null then
-        insert into cdc.change_log (table_name, op, business_id, row_id, old_values, new_values)
-        values (table_ref, tg_op, coalesce(new_business, old_business),
-                coalesce(new_image, old_image) ->> id_col,
-                cdc.pick_v1(old_image, watched), cdc.pick_v1(new_image, watched));
+    if tg_op = 'INSERT' then
+        if new.%3$I is not null then
+            insert into cdc.change_log (table_name, op, business_id, row_id, new_values)
+            values (%2$L, 'INSERT', new.%3$I::text, new.%4$I::text, %5$s);
+        end if;
+    elsif tg_op = 'UPDATE' then
+        if new.%3$I is not null then
+            insert into cdc.change_log (table_name, op, business_id, row_id, old_values, new_values)
+            values (%2$L, 'UPDATE', new.%3$I::text, new.%4$I::text, %6$s, %5$s);
+        end if;
+        -- An update that moves a row to another business informs the business it left too.
+        if old.%3$I is not null and old.%3$I is distinct from new.%3$I then
+            insert into cdc.change_log (table_name, op, business_id, row_id, old_values)
+            values (%2$L, 'UPDATE', old.%3$I::text, old.%4$I::text, %6$s);
+        end if;
+    elsif old.%3$I is not null then
+        insert into cdc.change_log (table_name, op, business_id, row_id, old_values)
+        values (%2$L, 'DELETE', old.%3$I::text, old.%4$I::text, %6$s);
     end if;
-    -- An update that moves a row to another business informs the business it left too.
-    if tg_op = 'UPDATE' and old_business is not null and old_business is distinct from new_business then
-        insert into cdc.change_log (table_name, op, business_id, row_id, old_values, new_values)
-        values (table_ref, 'UPDATE', old_business, old_image ->> id_col, cdc.pick_v1(old_image, watched), null);
+    if current_setting('cdc.wake_checked_v1', true) is distinct from 'y' then
+        perform cdc.wake_v1();
     end if;
-    perform cdc.wake_v1();
     return null;
+end $body$
+$src$, cdc.capture_function_name_v1(table_ref), table_ref, business_column, id_column, new_watch, old_watch);
 end $$;
 
 -- TRUNCATE removes rows without row images: record one change with no business; the listener turns it into
@@ -139,11 +150,11 @@ begin
             using errcode = 'undefined_column',
                   hint = 'name the column that holds the business key with business_column => ''...''';
     end if;
+    execute cdc.capture_function_source_v1(table_ref, business_column, id_column, watch_columns);
     execute format('drop trigger if exists cdc_capture_v1 on %s', target);
     execute format('drop trigger if exists cdc_capture_truncate_v1 on %s', target);
     execute format('create trigger cdc_capture_v1 after insert or update or delete on %s for each row '
-                   'execute function cdc.capture_v1(%L, %L, %L)',
-                   target, business_column, id_column, watch_columns::text);
+                   'execute function cdc.%I()', target, cdc.capture_function_name_v1(table_ref));
     execute format('create trigger cdc_capture_truncate_v1 after truncate on %s for each statement '
                    'execute function cdc.capture_truncate_v1()', target);
     insert into cdc.tracked_tables (table_name, business_column, id_column, watch_columns)
@@ -155,10 +166,13 @@ end $$;
 
 create or replace function cdc.untrack(target regclass) returns void
 language plpgsql as $$
+declare
+    table_ref text;
 begin
+    select n.nspname || '.' || c.relname into table_ref
+      from pg_class c join pg_namespace n on n.oid = c.relnamespace where c.oid = target;
     execute format('drop trigger if exists cdc_capture_v1 on %s', target);
     execute format('drop trigger if exists cdc_capture_truncate_v1 on %s', target);
-    delete from cdc.tracked_tables t
-     using pg_class c join pg_namespace n on n.oid = c.relnamespace
-     where c.oid = target and t.table_name = n.nspname || '.' || c.relname;
+    execute format('drop function if exists cdc.%I()', cdc.capture_function_name_v1(table_ref));
+    delete from cdc.tracked_tables where table_name = table_ref;
 end $$;
