@@ -8,15 +8,21 @@ from __future__ import annotations
 
 import secrets
 import signal
-import threading
 from pathlib import Path
+from types import FrameType
 
 from .config import Settings
 from .demo import load_demo
 from .embedded import start_embedded
+from .gateway.app import serve
+from .gateway.auth import create_token
+from .logs import configure_logging
 from .migrations import apply
 
 __all__ = ["ensure_secret", "run_demo"]
+
+# The demo's dashboard link stays valid for a week of leaving `make run` open.
+DEMO_TOKEN_TTL = 7 * 24 * 3600
 
 
 def ensure_secret(settings: Settings) -> str:
@@ -29,6 +35,10 @@ def ensure_secret(settings: Settings) -> str:
         path.touch(mode=0o600)
         path.write_text(secrets.token_urlsafe(48))
     return path.read_text().strip()
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
 
 
 def run_demo(settings: Settings, *, seed: int) -> int:
@@ -48,10 +58,24 @@ def run_demo(settings: Settings, *, seed: int) -> int:
         print(f"database ready: {len(businesses)} demo businesses", flush=True)
         for business_id, name in businesses:
             print(f"  {business_id}  {name}", flush=True)
-        stop = threading.Event()
-        signal.signal(signal.SIGTERM, lambda *_: stop.set())
-        print(f"PostgreSQL: {url}\nPress Ctrl-C to stop.", flush=True)
-        stop.wait()
+        secret = ensure_secret(settings)
+        first_business = str(businesses[0][0])
+        dashboard_url = (
+            f"http://{settings.http_host}:{settings.http_port}/dashboard/{first_business}"
+            f"?access_token={create_token(secret, [first_business], DEMO_TOKEN_TTL)}"
+        )
+        print(f"PostgreSQL: {url}", flush=True)
+
+        def announce() -> None:
+            print(f"Press Ctrl-C to stop. Open the live dashboard:\n{dashboard_url}", flush=True)
+
+        # uvicorn handles SIGINT/SIGTERM itself and re-raises them once it has stopped: both end up here as
+        # KeyboardInterrupt, so the embedded PostgreSQL is always stopped.
+        signal.signal(signal.SIGTERM, _interrupt)
+        configure_logging("WARNING")
+        code = serve(settings.model_copy(update={"secret": secret}), url, with_listener=True, on_ready=announce)
+        if code != 0:
+            return code
     except KeyboardInterrupt:
         pass
     finally:

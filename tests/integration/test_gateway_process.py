@@ -173,3 +173,38 @@ async def test_health_readiness_metrics_and_errors(db_url: str) -> None:
         gw.app_state.hub.listening.clear()
         async with session.get(f"{gw.url}/readyz") as r:
             assert r.status == 503
+
+
+async def test_run_serves_the_demo_and_prints_the_dashboard_url_last(db_url: str, tmp_path: Path) -> None:
+    port = free_port()
+    env = _env(CDC_DATABASE_URL=db_url, CDC_HTTP_PORT=str(port), CDC_STATE_DIR=str(tmp_path / "state"))
+    proc = await asyncio.create_subprocess_exec(
+        CLI, "run", env=env, cwd=tmp_path, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+    )
+    assert proc.stdout is not None
+    try:
+        async with asyncio.timeout(60):
+            while not (line := (await proc.stdout.readline()).decode()).startswith("http://"):
+                assert line, "run ended before printing the dashboard URL"
+        url = line.strip()
+        assert url.startswith(f"http://127.0.0.1:{port}/dashboard/") and "?access_token=" in url
+        business, token = url.split("/dashboard/")[1].split("?access_token=")
+        secret = (tmp_path / "state" / "secret").read_text().strip()
+        assert decode_token(secret, token).business_ids == {business}
+        # The URL is printed once the gateway and its listener are ready: the stream answers at once.
+        async with aiohttp.ClientSession() as session:
+            headers = {"Authorization": f"Bearer {token}"}
+            async with session.get(f"http://127.0.0.1:{port}/readyz") as response:
+                assert response.status == 200
+            async with session.get(f"http://127.0.0.1:{port}/v1/businesses/{business}/events", headers=headers) as r:
+                assert r.status == 200
+        proc.send_signal(signal.SIGINT)
+        async with asyncio.timeout(15):
+            rest = (await proc.stdout.read()).decode()
+            code = await proc.wait()
+        assert code == 0, rest
+        assert "Traceback" not in rest
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()

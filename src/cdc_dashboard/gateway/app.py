@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
 from collections.abc import AsyncIterator, Callable
 from types import FrameType
 from typing import Any
@@ -150,9 +151,22 @@ class _QuietCutFilter(logging.Filter):
 class _GatewayServer(uvicorn.Server):
     """uvicorn, plus: the first SIGTERM/SIGINT drains the streams before uvicorn's own shutdown begins."""
 
-    def __init__(self, config: uvicorn.Config, app: Starlette) -> None:
+    def __init__(self, config: uvicorn.Config, app: Starlette, on_ready: Callable[[], None] | None) -> None:
         super().__init__(config)
         self._app = app
+        self._on_ready = on_ready
+        self._announce: asyncio.Task[None] | None = None
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started and self._on_ready is not None:
+            self._announce = asyncio.create_task(self._announce_ready(self._on_ready))
+
+    async def _announce_ready(self, on_ready: Callable[[], None]) -> None:
+        listener = getattr(self._app.state, "listener", None)
+        if listener is not None:
+            await listener.ready.wait()
+        on_ready()
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         hub: Hub | None = getattr(self._app.state, "hub", None)
@@ -162,8 +176,18 @@ class _GatewayServer(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
-def serve(settings: Settings, database_url: str, *, with_listener: bool = False, **uvicorn_options: Any) -> int:
-    """Run the gateway until SIGTERM/SIGINT; the exit code is non-zero when the in-process listener died."""
+def serve(
+    settings: Settings,
+    database_url: str,
+    *,
+    with_listener: bool = False,
+    on_ready: Callable[[], None] | None = None,
+    **uvicorn_options: Any,
+) -> int:
+    """Run the gateway until SIGTERM/SIGINT; the exit code is non-zero when the in-process listener died.
+
+    `on_ready` is called once the gateway accepts connections (and the in-process listener is ready).
+    """
     app = create_app(settings, database_url, with_listener=with_listener)
     config = uvicorn.Config(
         app,
@@ -175,7 +199,7 @@ def serve(settings: Settings, database_url: str, *, with_listener: bool = False,
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
         **uvicorn_options,
     )
-    server = _GatewayServer(config, app)
+    server = _GatewayServer(config, app, on_ready)
 
     def fatal() -> None:
         server.handle_exit(signal.SIGTERM, None)
