@@ -236,6 +236,7 @@ class EnhancedRealtimeManager:
     async def _drain(self, conn: asyncpg.Connection) -> int:
         total = 0
         while not self._stopping.is_set():
+            self._notifier.watchdog()
             consumed = await self._consume(conn)
             total += consumed
             if consumed < self.batch_size:
@@ -347,8 +348,14 @@ class EnhancedRealtimeManager:
                 self._wake.set()  # stop() is sticky: every later wait returns at once
 
     async def _interruptible_sleep(self, seconds: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stopping.wait(), seconds)
+        """Sleep (backoff, standby) unless stopped. Waiting for the database is healthy: pet the watchdog,
+        which exists to catch a hung loop, not an outage that reconnecting already handles."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
+        while not self._stopping.is_set() and loop.time() < deadline:
+            self._notifier.watchdog()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), min(1.0, deadline - loop.time()))
 
 
 def _is_uuid(value: str) -> bool:
