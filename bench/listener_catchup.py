@@ -1,0 +1,94 @@
+"""Listener catch-up and sustained throughput.
+
+    .venv/bin/python bench/listener_catchup.py [--changes 30000] [--businesses 1000]
+
+With the listener stopped (an outage), writes --changes payments (one change each) spread over --businesses,
+as separate committed transactions from 8 connections. Then starts `cdc-dashboard listen` and measures the
+time from process start to READY (sd_notify over a real socket: READY is sent only once LISTENing and caught
+up) and the changes and events per second consumed during catch-up. Scratch database on CDC_BENCH_ADMIN_URL
+(default postgresql://postgres@127.0.0.1:5432/postgres), dropped at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import psycopg
+
+from cdc_dashboard.db import with_database
+from cdc_dashboard.migrations import apply
+
+
+def write(url: str, businesses: list[str], count: int, offset: int) -> None:
+    with psycopg.connect(url, autocommit=True) as conn:
+        for i in range(count):
+            conn.execute(
+                "insert into payments (business_id, amount_minor, currency, method, status)"
+                " values (%s, %s, 'KES', 'mpesa', 'completed')",
+                (businesses[(offset + i) % len(businesses)], 100 + i),
+            )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--changes", type=int, default=30000)
+    parser.add_argument("--businesses", type=int, default=1000)
+    args = parser.parse_args()
+    admin = os.environ.get("CDC_BENCH_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+    name = f"cdc_bench_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'create database "{name}"')
+    url = with_database(admin, name)
+    try:
+        apply(url)
+        businesses = [str(uuid.uuid4()) for _ in range(args.businesses)]
+        with psycopg.connect(url, autocommit=True) as conn, conn.cursor() as cur:
+            cur.executemany("insert into businesses (id, name) values (%s, 'Bench')", [(b,) for b in businesses])
+        started = time.monotonic()
+        per_writer = args.changes // 8
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(lambda w: write(url, businesses, per_writer, w * per_writer), range(8)))
+        total = per_writer * 8
+        print(f"wrote {total} changes while the listener was down in {time.monotonic() - started:.1f} s")
+        with tempfile.TemporaryDirectory() as tmp, socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            address = os.path.join(tmp, "notify.sock")
+            sock.bind(address)
+            sock.settimeout(120)
+            env = {k: v for k, v in os.environ.items() if not k.startswith("CDC_")}
+            env.update(CDC_DATABASE_URL=url, NOTIFY_SOCKET=address)
+            t0 = time.monotonic()
+            proc = subprocess.Popen(
+                [str(Path(sys.executable).parent / "cdc-dashboard"), "listen"], env=env, stdout=subprocess.DEVNULL
+            )
+            try:
+                while not sock.recv(4096).decode().startswith("READY=1"):
+                    pass
+                ready = time.monotonic() - t0
+            finally:
+                proc.terminate()
+                proc.wait(10)
+        with psycopg.connect(url, autocommit=True) as conn:
+            row = conn.execute("select count(*), (select count(*) from cdc.change_log) from dashboard.events").fetchone()
+        assert row is not None
+        events, left = row
+        print(
+            f"live again {ready:.2f} s after start (process start, connect, catch-up); backlog left {left};"
+            f" {total / ready:,.0f} changes/s, {events / ready:,.0f} events/s ({events} events)"
+        )
+    finally:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f'drop database if exists "{name}" with (force)')
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
