@@ -77,7 +77,9 @@ def main() -> int:
                 proc.terminate()
                 proc.wait(10)
         with psycopg.connect(url, autocommit=True) as conn:
-            row = conn.execute("select count(*), (select count(*) from cdc.change_log) from dashboard.events").fetchone()
+            row = conn.execute(
+                "select count(*), (select count(*) from cdc.change_log) from dashboard.events"
+            ).fetchone()
         assert row is not None
         events, left = row
         print(
