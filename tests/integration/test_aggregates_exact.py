@@ -1,0 +1,347 @@
+"""Guarantee 5: every figure equals DESIGN's definition over the base tables, whatever the history of writes.
+
+Hypothesis writes random histories through plain SQL (inserts, status flips, refunds, amount and currency
+corrections, clients set and cleared, payments moved between businesses, deletes, bookings), with times
+minutes either side of midnight and of the first of the month in each business's timezone, and late rows for
+old days. At random points - and at the end - the changes captured in cdc.change_log are consumed the way the
+listener does (`dashboard.apply_changes_v2` with each change's table and row id). Then, for every business:
+
+- the `stats` figures equal an independent SQL computation of DESIGN's definitions over the base tables;
+- the hourly and daily rollups equal the same grouping of the base tables;
+- a full rebuild finds nothing to repair (the incremental path was exact, not merely repaired later).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import asyncpg
+import psycopg
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from cdc_dashboard import figures
+
+BUSINESSES = [
+    (uuid.UUID("00000000-0000-4000-8000-00000000000a"), "Africa/Nairobi"),
+    (uuid.UUID("00000000-0000-4000-8000-00000000000b"), "America/New_York"),  # DST
+    (uuid.UUID("00000000-0000-4000-8000-00000000000c"), "Asia/Kolkata"),  # a half-hour offset
+]
+CLIENTS = [uuid.UUID(f"00000000-0000-4000-9000-00000000000{i}") for i in range(4)]
+STATUSES = ["pending", "completed", "failed", "refunded"]
+BOOKING_STATUSES = ["pending", "confirmed", "completed", "cancelled", "no_show"]
+PAYMENT_STATUSES = ["unpaid", "pending", "partially_paid", "paid", "refunded"]
+
+
+def _anchors() -> list[datetime]:
+    """Instants where a day or month turns in Nairobi: figures are most fragile there."""
+    nairobi = ZoneInfo("Africa/Nairobi")
+    now = datetime.now(nairobi)
+    midnight = now.replace(hour=0, minute=0, second=0, microsecond=0)
+    return [
+        midnight,
+        midnight.replace(day=1),
+        midnight + timedelta(days=1),
+        midnight - timedelta(days=400),  # a late row for an old day
+        now.astimezone(UTC),
+    ]
+
+
+clients = st.one_of(st.none(), st.integers(0, len(CLIENTS) - 1))
+when = st.tuples(st.integers(0, 4), st.integers(-90, 90))
+pay = st.tuples(
+    st.just("pay"),
+    st.integers(0, 2),
+    clients,
+    st.integers(0, 5_000_000),
+    st.sampled_from(["KES", "USD"]),
+    st.sampled_from(["completed", *STATUSES]),  # mostly completed: those are the figures
+    when,
+    st.booleans(),
+    # created this long before it was paid: a booking paid the next day, an invoice paid a month later
+    st.sampled_from([3, 20 * 60, 40 * 24 * 60]),
+)
+ops = st.one_of(
+    pay,
+    st.tuples(st.just("status"), st.integers(0, 99), st.sampled_from(STATUSES)),
+    st.tuples(st.just("amount"), st.integers(0, 99), st.integers(0, 5_000_000)),
+    st.tuples(st.just("currency"), st.integers(0, 99), st.sampled_from(["KES", "USD", "TZS"])),
+    st.tuples(st.just("client"), st.integers(0, 99), clients),
+    st.tuples(st.just("time"), st.integers(0, 99), st.one_of(st.none(), when)),
+    st.tuples(st.just("move"), st.integers(0, 99), st.integers(0, 2)),
+    st.tuples(st.just("delete"), st.integers(0, 99)),
+    st.tuples(st.just("book"), st.integers(0, 2), st.sampled_from(BOOKING_STATUSES), st.sampled_from(PAYMENT_STATUSES)),
+    st.tuples(
+        st.just("rebook"), st.integers(0, 99), st.sampled_from(BOOKING_STATUSES), st.sampled_from(PAYMENT_STATUSES)
+    ),
+    st.tuples(st.just("unbook"), st.integers(0, 99)),
+    st.tuples(st.just("sync")),
+)
+
+# The oracle: DESIGN's "Figure definitions", written straight over the base tables, independently of the
+# rollups. `now()` is the transaction's, shared with the stats query run in the same transaction.
+ORACLE_REVENUE = """
+select p.currency,
+       sum(p.amount_minor)::bigint as total_minor,
+       coalesce(sum(p.amount_minor) filter (
+           where (coalesce(p.paid_at, p.created_at) at time zone b.timezone)::date
+               = (now() at time zone b.timezone)::date), 0)::bigint as today_minor,
+       coalesce(sum(p.amount_minor) filter (
+           where date_trunc('month', coalesce(p.paid_at, p.created_at) at time zone b.timezone)
+               = date_trunc('month', now() at time zone b.timezone)), 0)::bigint as month_minor
+  from payments p join businesses b on b.id = p.business_id
+ where p.business_id = $1 and p.status = 'completed'
+ group by p.currency
+"""
+ORACLE_COUNTS = """
+select count(*) as payments_count, count(distinct p.client_id) as clients_total
+  from payments p where p.business_id = $1 and p.status = 'completed'
+"""
+ORACLE_NEW_TODAY = """
+select count(*) from (
+    select p.client_id, min(coalesce(p.paid_at, p.created_at)) as first_paid
+      from payments p where p.business_id = $1 and p.status = 'completed' and p.client_id is not null
+     group by p.client_id
+) as f, businesses b
+ where b.id = $1 and (f.first_paid at time zone b.timezone)::date = (now() at time zone b.timezone)::date
+"""
+ORACLE_BY_STATUS = "select status, count(*) from bookings where business_id = $1 group by 1"
+ORACLE_BY_PAYMENT_STATUS = "select payment_status, count(*) from bookings where business_id = $1 group by 1"
+ORACLE_HOURLY = """
+select date_trunc('hour', coalesce(p.paid_at, p.created_at), b.timezone) as bucket, p.currency,
+       sum(p.amount_minor)::bigint, count(*)
+  from payments p join businesses b on b.id = p.business_id
+ where p.business_id = $1 and p.status = 'completed' group by 1, 2 order by 1, 2
+"""
+ORACLE_DAILY = """
+select (coalesce(p.paid_at, p.created_at) at time zone b.timezone)::date as bucket, p.currency,
+       sum(p.amount_minor)::bigint, count(*)
+  from payments p join businesses b on b.id = p.business_id
+ where p.business_id = $1 and p.status = 'completed' group by 1, 2 order by 1, 2
+"""
+ROLLUP_HOURLY = """
+select hour_start, currency, revenue_minor, payments_count from dashboard.revenue_hourly
+ where business_id = $1 order by 1, 2
+"""
+ROLLUP_DAILY = """
+select day, currency, revenue_minor, payments_count from dashboard.revenue_daily
+ where business_id = $1 order by 1, 2
+"""
+RESET = """
+truncate payments, bookings, payment_transactions, client_business_transactions;
+truncate cdc.change_log;
+truncate dashboard.payment_facts, dashboard.booking_facts, dashboard.revenue_daily, dashboard.revenue_hourly,
+         dashboard.business_clients, dashboard.business_client_totals, dashboard.booking_counts;
+"""
+CONSUME = "delete from cdc.change_log returning table_name, row_id"
+
+
+@pytest.fixture(scope="module")
+def exact_db(admin_url: str, template_db: str) -> Iterator[str]:
+    """One database for all examples (each example starts by emptying it): cloning per example is too slow."""
+    from cdc_dashboard.db import with_database
+
+    from ..pg import clone_database, drop_database
+
+    name = clone_database(admin_url, template_db)
+    url = with_database(admin_url, name)
+    with psycopg.connect(url, autocommit=True) as conn:
+        for business_id, tz in BUSINESSES:
+            conn.execute("insert into businesses (id, name, timezone) values (%s, %s, %s)", (business_id, "Salon", tz))
+        for client_id in CLIENTS:
+            conn.execute("insert into clients (id, name) values (%s, %s)", (client_id, "Client"))
+    yield url
+    drop_database(admin_url, name)
+
+
+def consume(conn: psycopg.Connection[Any]) -> None:
+    """What the listener does with a batch, as far as the aggregates go."""
+    with conn.transaction():
+        rows = conn.execute(CONSUME).fetchall()
+        conn.execute(
+            "select dashboard.apply_changes_v2(%s::text[], %s::text[])", ([r[0] for r in rows], [r[1] for r in rows])
+        )
+
+
+def run_history(conn: psycopg.Connection[Any], history: list[tuple[Any, ...]]) -> None:
+    anchors = _anchors()
+    payments: list[uuid.UUID] = []
+    bookings: list[uuid.UUID] = []
+
+    def at(w: tuple[int, int]) -> datetime:
+        return anchors[w[0]] + timedelta(minutes=w[1], seconds=w[1] % 7)
+
+    for op in history:
+        kind = op[0]
+        if kind == "pay":
+            _, b, c, amount, currency, status, w, paid, lag = op
+            pid = uuid.uuid4()
+            t = at(w)
+            conn.execute(
+                "insert into payments (id, business_id, client_id, amount_minor, currency, method, status,"
+                " paid_at, created_at) values (%s, %s, %s, %s, %s, 'mpesa', %s, %s, %s)",
+                (
+                    pid,
+                    BUSINESSES[b][0],
+                    None if c is None else CLIENTS[c],
+                    amount,
+                    currency,
+                    status,
+                    t if paid else None,
+                    t - timedelta(minutes=lag) if paid else t,
+                ),
+            )
+            payments.append(pid)
+        elif kind == "book":
+            _, b, status, pstatus = op
+            bid = uuid.uuid4()
+            conn.execute(
+                "insert into bookings (id, business_id, status, payment_status) values (%s, %s, %s, %s)",
+                (bid, BUSINESSES[b][0], status, pstatus),
+            )
+            bookings.append(bid)
+        elif kind == "sync":
+            consume(conn)
+        elif kind in ("rebook", "unbook"):
+            if not bookings:
+                continue
+            bid = bookings[op[1] % len(bookings)]
+            if kind == "rebook":
+                conn.execute("update bookings set status = %s, payment_status = %s where id = %s", (op[2], op[3], bid))
+            else:
+                conn.execute("delete from bookings where id = %s", (bid,))
+                bookings.remove(bid)
+        else:
+            if not payments:
+                continue
+            pid = payments[op[1] % len(payments)]
+            if kind == "status":
+                conn.execute("update payments set status = %s where id = %s", (op[2], pid))
+            elif kind == "amount":
+                conn.execute("update payments set amount_minor = %s where id = %s", (op[2], pid))
+            elif kind == "currency":
+                conn.execute("update payments set currency = %s where id = %s", (op[2], pid))
+            elif kind == "client":
+                client = None if op[2] is None else CLIENTS[op[2]]
+                conn.execute("update payments set client_id = %s where id = %s", (client, pid))
+            elif kind == "time":
+                paid_at = None if op[2] is None else at(op[2])
+                conn.execute("update payments set paid_at = %s where id = %s", (paid_at, pid))
+            elif kind == "move":
+                conn.execute("update payments set business_id = %s where id = %s", (BUSINESSES[op[2]][0], pid))
+            elif kind == "delete":
+                conn.execute("delete from payments where id = %s", (pid,))
+                payments.remove(pid)
+    consume(conn)
+
+
+async def expected_figures(conn: asyncpg.Connection, business_id: uuid.UUID) -> dict[str, Any]:
+    revenue = {
+        r["currency"]: {k: r[k] for k in ("total_minor", "today_minor", "month_minor")}
+        for r in await conn.fetch(ORACLE_REVENUE, business_id)
+    }
+    counts = await conn.fetchrow(ORACLE_COUNTS, business_id)
+    assert counts is not None
+    return {
+        "revenue": dict(sorted(revenue.items())),
+        "payments_count": counts["payments_count"],
+        "clients_total": counts["clients_total"],
+        "clients_new_today": await conn.fetchval(ORACLE_NEW_TODAY, business_id),
+        "bookings": {
+            "by_status": dict(sorted(await conn.fetch(ORACLE_BY_STATUS, business_id))),
+            "by_payment_status": dict(sorted(await conn.fetch(ORACLE_BY_PAYMENT_STATUS, business_id))),
+        },
+    }
+
+
+async def check_exact(url: str) -> None:
+    conn = await asyncpg.connect(url)
+    try:
+        # One transaction: the oracle and the stats query share now(), and so the same "today".
+        async with conn.transaction(isolation="repeatable_read", readonly=True):
+            for business_id, _ in BUSINESSES:
+                got = await figures.stats(conn, business_id)
+                assert got is not None
+                assert got.figures == await expected_figures(conn, business_id), business_id
+                assert [tuple(r) for r in await conn.fetch(ROLLUP_HOURLY, business_id)] == [
+                    tuple(r) for r in await conn.fetch(ORACLE_HOURLY, business_id)
+                ]
+                assert [tuple(r) for r in await conn.fetch(ROLLUP_DAILY, business_id)] == [
+                    tuple(r) for r in await conn.fetch(ORACLE_DAILY, business_id)
+                ]
+        async with conn.transaction():
+            repaired = await conn.fetch(
+                "select * from dashboard.rebuild_aggregates_v2($1::uuid[])", [b for b, _ in BUSINESSES]
+            )
+        assert [tuple(r) for r in repaired] == [], "the incremental path left something for the rebuild to repair"
+    finally:
+        await conn.close()
+
+
+@settings(
+    max_examples=30,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+@given(first=st.lists(pay, min_size=1, max_size=10), then=st.lists(ops, max_size=30))
+def test_figures_equal_their_definition_after_any_history(
+    exact_db: str, first: list[tuple[Any, ...]], then: list[tuple[Any, ...]]
+) -> None:
+    with psycopg.connect(exact_db, autocommit=True) as conn:
+        conn.execute(RESET)
+        run_history(conn, first + then)
+    asyncio.run(check_exact(exact_db))
+
+
+def test_rebuild_repairs_and_reports_corrupted_rollups(exact_db: str) -> None:
+    """The full path is the safety net: corrupt every rollup, and a rebuild puts each back and says so."""
+    b = BUSINESSES[0][0]
+    with psycopg.connect(exact_db, autocommit=True) as conn:
+        conn.execute(RESET)
+        run_history(
+            conn,
+            [
+                ("pay", 0, 0, 1500, "KES", "completed", (0, 5), True, 3),
+                ("pay", 0, 1, 700, "USD", "completed", (4, 0), False, 3),
+                ("book", 0, "confirmed", "paid"),
+            ],
+        )
+        conn.execute(
+            "update dashboard.revenue_daily set revenue_minor = revenue_minor + 1 where business_id = %s", (b,)
+        )
+        conn.execute("delete from dashboard.revenue_hourly where business_id = %s", (b,))
+        conn.execute("delete from dashboard.business_clients where business_id = %s", (b,))
+        conn.execute("update dashboard.business_client_totals set clients_total = 9 where business_id = %s", (b,))
+        conn.execute("update dashboard.booking_counts set bookings = 5 where business_id = %s", (b,))
+
+    async def rebuild() -> figures.RebuildReport:
+        conn = await asyncpg.connect(exact_db)
+        try:
+            return await figures.rebuild(conn, [b])
+        finally:
+            await conn.close()
+
+    report = asyncio.run(rebuild())
+    assert report.repaired[str(b)] == {
+        "revenue_daily": 2,
+        "revenue_hourly": 2,
+        "business_clients": 2,
+        "business_client_totals": 1,
+        "booking_counts": 1,
+    }
+    assert len(report.event_ids) == 1
+    asyncio.run(check_exact(exact_db))
+
+    # Lost facts: the rebuild recomputes them from the base tables, and the figures follow.
+    with psycopg.connect(exact_db, autocommit=True) as conn:
+        conn.execute("delete from dashboard.payment_facts where business_id = %s", (b,))
+    report = asyncio.run(rebuild())
+    assert report.repaired[str(b)]["payment_facts"] == 2
+    asyncio.run(check_exact(exact_db))
+    assert asyncio.run(rebuild()).repaired == {}, "a second rebuild finds nothing left to repair"
