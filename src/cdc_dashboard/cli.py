@@ -92,6 +92,20 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     return run_demo(settings, seed=args.seed)
 
 
+def cmd_simulate(args: argparse.Namespace, settings: Settings) -> int:
+    from .simulate import SimulateOptions, run_simulation
+
+    options = SimulateOptions(
+        rate=args.rate,
+        duration=args.duration,
+        businesses=args.businesses,
+        direct=args.direct,
+        url=args.url,
+        seed=args.seed,
+    )
+    return run_simulation(settings, _require_url(settings), options)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cdc-dashboard", description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--version", action="version", version=f"cdc-dashboard {__version__}")
@@ -117,6 +131,23 @@ def build_parser() -> argparse.ArgumentParser:
     token.add_argument("--ttl", type=int, default=86400, metavar="SECONDS", help="lifetime (default 86400)")
     token.add_argument("--admin", action="store_true", help="all businesses, plus /v1/status")
     token.set_defaults(handler=cmd_token)
+
+    simulate = commands.add_parser(
+        "simulate", help="realistic payment traffic: signed Paystack and M-Pesa webhooks (or --direct inserts)"
+    )
+    simulate.add_argument("--rate", type=float, default=2.0, metavar="N", help="payments per second (default 2)")
+    simulate.add_argument(
+        "--duration", type=float, default=0.0, metavar="S", help="stop after S seconds (default: until Ctrl-C)"
+    )
+    simulate.add_argument("--businesses", type=int, default=3, metavar="N", help="businesses paid (default 3)")
+    simulate.add_argument(
+        "--direct", action="store_true", help="record through cdc_dashboard.ingest in the database, no gateway"
+    )
+    simulate.add_argument(
+        "--url", metavar="GATEWAY", help="gateway base URL (default http://CDC_HTTP_HOST:CDC_HTTP_PORT)"
+    )
+    simulate.add_argument("--seed", type=int, default=None, help="random seed (default: a new run each time)")
+    simulate.set_defaults(handler=cmd_simulate)
 
     run = commands.add_parser("run", help="zero-setup demo: embedded PostgreSQL, demo data, live dashboard")
     run.add_argument("--seed", type=int, default=254, help="demo data seed (default 254)")

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from .webhook_server import WebhookServer, fixture, serve_webhooks, table_counts
+from .webhook_server import WebhookServer, assert_consistent, fixture, serve_webhooks, table_counts
 
 PROPERTY_SETTINGS = settings(
     max_examples=50,
@@ -81,29 +81,6 @@ def _dumps(doc: Any) -> bytes:
     return json.dumps(doc, default=lambda d: float(d) if isinstance(d, Decimal) else str(d)).encode()
 
 
-def _consistent(server: WebhookServer) -> None:
-    """No half-written record: every recorded payment has its ledger and provider rows, and nothing dangles."""
-    problems = server.one(
-        """
-        select
-          (select count(*) from payments p where p.status in ('completed', 'refunded') and p.provider is not null
-             and (select count(*) from client_business_transactions l
-                  where l.payment_id = p.id and l.type = 'payment') <> 1),
-          (select count(*) from payments p where p.status = 'refunded'
-             and (select count(*) from client_business_transactions l
-                  where l.payment_id = p.id and l.type = 'refund') <> 1),
-          (select count(*) from payments p where p.status <> 'pending'
-             and not exists (select 1 from payment_transactions t where t.payment_id = p.id)),
-          (select count(*) from payment_transactions t join payments p on p.id = t.payment_id
-             where t.business_id is distinct from p.business_id),
-          (select count(*) from payment_transactions t where t.payment_id is null and t.business_id is not null),
-          (select count(*) from clients c where not exists (select 1 from payments p where p.client_id = c.id)),
-          (select count(*) from payment_transactions where raw is null)
-        """
-    )
-    assert problems == (0, 0, 0, 0, 0, 0, 0), problems
-
-
 def _setup(server: WebhookServer) -> uuid.UUID:
     business = server.business(shortcode="600966", subaccount="ACCT_prop")
     booking = server.booking(business, 100)
@@ -116,7 +93,7 @@ def _check(server: WebhookServer, before: dict[str, int], status: int) -> None:
     assert status in (200, 400), status
     if status != 200:
         assert table_counts(server) == before
-    _consistent(server)
+    assert_consistent(server)
 
 
 @PROPERTY_SETTINGS

@@ -31,6 +31,7 @@ __all__ = [
     "MPESA_TOKEN",
     "PAYSTACK_SECRET",
     "WebhookServer",
+    "assert_consistent",
     "fixture",
     "serve_webhooks",
     "table_counts",
@@ -133,6 +134,29 @@ class WebhookServer:
             checkout_id,
         )
         return payment_id
+
+
+def assert_consistent(server: WebhookServer) -> None:
+    """No half-written record: every recorded payment has its ledger and provider rows, and nothing dangles."""
+    problems = server.one(
+        """
+        select
+          (select count(*) from payments p where p.status in ('completed', 'refunded') and p.provider is not null
+             and (select count(*) from client_business_transactions l
+                  where l.payment_id = p.id and l.type = 'payment') <> 1),
+          (select count(*) from payments p where p.status = 'refunded'
+             and (select count(*) from client_business_transactions l
+                  where l.payment_id = p.id and l.type = 'refund') <> 1),
+          (select count(*) from payments p where p.status <> 'pending'
+             and not exists (select 1 from payment_transactions t where t.payment_id = p.id)),
+          (select count(*) from payment_transactions t join payments p on p.id = t.payment_id
+             where t.business_id is distinct from p.business_id),
+          (select count(*) from payment_transactions t where t.payment_id is null and t.business_id is not null),
+          (select count(*) from clients c where not exists (select 1 from payments p where p.client_id = c.id)),
+          (select count(*) from payment_transactions where raw is null)
+        """
+    )
+    assert problems == (0, 0, 0, 0, 0, 0, 0), problems
 
 
 def table_counts(server: WebhookServer) -> dict[str, int]:
