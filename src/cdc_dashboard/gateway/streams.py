@@ -45,6 +45,7 @@ RETRY_MS = 2000
 # On SIGTERM streams end with a retry drawn from this range (ms), spreading the reconnects.
 DRAIN_RETRY_MS = (1000, 5000)
 _REPLAY_PAGE = 500
+PING = ServerSentEvent(comment="ping", sep=SEP).encode()
 SSE_HEADERS = {"Cache-Control": "no-cache, no-transform", "X-Accel-Buffering": "no"}
 
 
@@ -102,10 +103,11 @@ async def _events(
     loop = asyncio.get_running_loop()
     # Loop time of the token's expiry: the stream ends then.
     expiry = loop.time() + claims.seconds_left()
+    ping_every: float = request.app.state.settings.sse_ping_seconds
+    next_ping = loop.time() + ping_every
     while True:
-        await sub.wait(expiry)
-        while sub.items:
-            event = sub.items.popleft()
+        await sub.wait(min(expiry, next_ping))
+        for event in sub.take():
             if event.id <= sent:
                 continue  # already replayed
             sent = event.id
@@ -117,9 +119,13 @@ async def _events(
             return
         if sub.closed_reason is not None:
             return
-        if loop.time() >= expiry:
+        now = loop.time()
+        if now >= expiry:
             yield ServerSentEvent(comment="token expired", sep=SEP).encode()
             return
+        if now >= next_ping:
+            next_ping = now + ping_every
+            yield PING
 
 
 async def _replay(request: Request, business_id: str, last_id: int, start: int) -> AsyncIterator[tuple[bytes, int]]:
@@ -170,9 +176,10 @@ async def stream_events(request: Request) -> Response:
         metrics,
         content=_events(request, hub, sub, claims, last_id, start),
         headers=SSE_HEADERS,
-        ping=settings.sse_ping_seconds,
+        # Heartbeats come from the stream's own wait (above), not from a ping task per connection: that task
+        # and its timer cost memory at 10,000 connections (docs/BENCHMARKS.md).
+        ping=0,
         sep=SEP,
-        ping_message_factory=lambda: ServerSentEvent(comment="ping", sep=SEP),
         send_timeout=settings.sse_send_timeout_seconds,
         # SIGTERM: our drain ends the streams first (hub.drain, with a jittered retry); sse-starlette's own
         # shutdown watcher would cancel them at once without one.
