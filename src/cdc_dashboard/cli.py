@@ -106,6 +106,14 @@ def cmd_simulate(args: argparse.Namespace, settings: Settings) -> int:
     return run_simulation(settings, _require_url(settings), options)
 
 
+def cmd_aggregates_rebuild(args: argparse.Namespace, settings: Settings) -> int:
+    from .figures import run_rebuild
+
+    for line in run_rebuild(_require_url(settings), args.business):
+        print(line)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cdc-dashboard", description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--version", action="version", version=f"cdc-dashboard {__version__}")
@@ -148,6 +156,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     simulate.add_argument("--seed", type=int, default=None, help="random seed (default: a new run each time)")
     simulate.set_defaults(handler=cmd_simulate)
+
+    aggregates = commands.add_parser("aggregates", help="the precomputed figures")
+    aggregates_commands = aggregates.add_subparsers(dest="aggregates_command", required=True, metavar="AGG_COMMAND")
+    rebuild = aggregates_commands.add_parser(
+        "rebuild", help="recompute figures from the base tables, report repairs, emit invalidations"
+    )
+    rebuild.add_argument("--business", action="append", metavar="ID", help="only this business (repeatable)")
+    rebuild.set_defaults(handler=cmd_aggregates_rebuild)
 
     run = commands.add_parser("run", help="zero-setup demo: embedded PostgreSQL, demo data, live dashboard")
     run.add_argument("--seed", type=int, default=254, help="demo data seed (default 254)")

@@ -402,3 +402,46 @@ async def rebuild(conn: asyncpg.Connection, business_ids: list[uuid.UUID] | None
         async with conn.transaction():
             await _rebuild_in_transaction(conn, ids[i : i + _REBUILD_CHUNK], report)
     return report
+
+
+def rebuild_lines(report: RebuildReport) -> list[str]:
+    """What `cdc-dashboard aggregates rebuild` prints: each repair, then a summary."""
+    lines = [
+        f"{business}: repaired " + ", ".join(f"{rollup} {n} rows" for rollup, n in sorted(rows.items()))
+        for business, rows in sorted(report.repaired.items())
+    ]
+    lines.append(
+        f"rebuilt {report.businesses} businesses; "
+        + (f"repaired {len(report.repaired)} of them" if report.repaired else "nothing needed repair")
+        + f"; emitted {len(report.event_ids)} invalidation events"
+    )
+    return lines
+
+
+def run_rebuild(url: str, business_ids: list[str] | None) -> list[str]:
+    """`cdc-dashboard aggregates rebuild [--business ID]`: rebuild, emit invalidations, describe the repairs."""
+    import asyncio
+
+    from .errors import UserError
+
+    try:
+        ids = [uuid.UUID(b) for b in business_ids] if business_ids else None
+    except ValueError:
+        raise UserError("--business must be a business id (a UUID)") from None
+
+    async def go() -> RebuildReport:
+        try:
+            conn = await asyncpg.connect(url, timeout=10)
+        except (OSError, asyncpg.PostgresError) as exc:
+            raise UserError(f"cannot connect to the database: {exc}") from None
+        try:
+            if ids is not None:
+                q = queries("figures")
+                unknown = [str(b) for b in ids if not await conn.fetchval(q["business_exists"], b)]
+                if unknown:
+                    raise UserError(f"no such business: {', '.join(unknown)}")
+            return await rebuild(conn, ids)
+        finally:
+            await conn.close()
+
+    return rebuild_lines(asyncio.run(go()))
