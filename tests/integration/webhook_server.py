@@ -12,22 +12,21 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import httpx
 import psycopg
 import uvicorn
-from starlette.applications import Starlette
 
 from cdc_dashboard.config import Settings
-from cdc_dashboard.gateway.webhooks import routes as webhook_routes
+from cdc_dashboard.gateway.app import create_app
 from cdc_dashboard.ingest.paystack import sign
 
 __all__ = [
+    "DASHBOARD_SECRET",
     "MPESA_TOKEN",
     "PAYSTACK_SECRET",
     "WebhookServer",
@@ -39,6 +38,7 @@ __all__ = [
 
 PAYSTACK_SECRET = "sk_test_" + "b" * 40
 MPESA_TOKEN = "cb-" + "t" * 40
+DASHBOARD_SECRET = "webhook-tests-" + "d" * 40
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "providers"
 TABLES = ("payments", "payment_transactions", "client_business_transactions", "clients", "bookings")
 
@@ -168,26 +168,16 @@ def _settings(db_url: str, overrides: dict[str, Any]) -> Settings:
         "database_url": db_url,
         "paystack_secret_key": PAYSTACK_SECRET,
         "mpesa_callback_token": MPESA_TOKEN,
+        "secret": DASHBOARD_SECRET,
         **overrides,
     }
     return Settings(_env_file=None, **values)  # type: ignore[call-arg]
 
 
 @contextmanager
-def serve_webhooks(db_url: str, **overrides: Any) -> Iterator[WebhookServer]:
-    """The webhook routes on a free port, until the block ends."""
-    settings = _settings(db_url, overrides)
-
-    @asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        app.state.settings = settings
-        app.state.pool = await asyncpg.create_pool(db_url, min_size=1, max_size=10)
-        try:
-            yield
-        finally:
-            await app.state.pool.close()
-
-    app = Starlette(routes=webhook_routes, lifespan=lifespan)
+def serve_webhooks(db_url: str, *, with_listener: bool = False, **overrides: Any) -> Iterator[WebhookServer]:
+    """The gateway app (create_app, so the routes are tested as mounted) on a free port, until the block ends."""
+    app = create_app(_settings(db_url, overrides), db_url, with_listener=with_listener)
     port = _free_port()
     # proxy_headers=False: uvicorn would otherwise rewrite the peer from X-Forwarded-For for 127.0.0.1 itself,
     # before the allow-list could apply CDC_TRUSTED_PROXIES (the gateway's `serve` must do the same).
