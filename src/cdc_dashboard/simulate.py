@@ -18,6 +18,7 @@ import json
 import random
 import string
 import sys
+import threading
 import time
 import uuid
 from collections import Counter
@@ -35,7 +36,7 @@ from .ingest.recording import Recorded, record_c2b, record_paystack_charge, reco
 from .ingest.wire import EAT, BadPayload, load_json
 from .sqlfiles import queries
 
-__all__ = ["SimulateOptions", "Tally", "run_simulation", "simulate"]
+__all__ = ["SimulateOptions", "SimulationThread", "Tally", "run_simulation", "simulate"]
 
 _FIRST = ["Achieng", "Wanjiku", "Kamau", "Otieno", "Njeri", "Mwangi", "Akinyi", "Kiprop", "Chebet", "Mutua"]
 _FIRST += ["Adaeze", "Chinedu", "Ngozi", "Tunde", "Funmi", "Emeka", "Bisi", "Ifeoma", "Segun", "Zainab"]
@@ -107,15 +108,18 @@ class _WebhookSender(_Sender):
             async with self.session.post(self.url + path, data=body, headers=headers) as response:
                 answer = await response.json(content_type=None)
                 status = response.status
-        except (aiohttp.ClientError, TimeoutError, ValueError):
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
             self.tally.errors += 1
+            self.tally.last_error = f"{path.split('/')[3]}: {type(exc).__name__}: {exc}"[:200]
             return None
         self.tally.latencies.append(time.perf_counter() - started)
-        if status >= 500:
-            self.tally.errors += 1
-            return None
         if status >= 400:
-            self.tally.rejected += 1
+            reason = answer.get("error") if isinstance(answer, dict) else None
+            self.tally.last_error = f"{path.split('/')[3]}: HTTP {status} {reason or ''}".strip()[:200]
+            if status >= 500:
+                self.tally.errors += 1
+            else:
+                self.tally.rejected += 1
             return None
         return answer if isinstance(answer, dict) else {}
 
@@ -382,7 +386,10 @@ async def simulate(
         raise UserError(f"cannot connect to the database: {exc}") from None
     session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
     try:
-        businesses = await _businesses(pool, max(options.businesses, 1), rng)
+        try:
+            businesses = await _businesses(pool, max(options.businesses, 1), rng)
+        except asyncpg.UndefinedTableError:
+            raise UserError("the database has no cdc-dashboard schema: run `cdc-dashboard db apply` first") from None
         if options.direct:
             sender: _Sender = _DirectSender(pool, tally)
         else:
@@ -447,3 +454,44 @@ def run_simulation(settings: Settings, database_url: str, options: SimulateOptio
     except KeyboardInterrupt:
         return 130
     return 1 if tally.errors or tally.rejected else 0
+
+
+class SimulationThread:
+    """`simulate` in a background thread with its own event loop, for callers that are not async
+    (`cdc-dashboard run` keeps the demo dashboard moving with it). `stop()` ends it and returns the tally."""
+
+    def __init__(self, settings: Settings, database_url: str, options: SimulateOptions) -> None:
+        self._args = (settings, database_url, options)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._ready = threading.Event()
+        self.tally: Tally | None = None
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._main, name="cdc-simulate", daemon=True)
+
+    def start(self) -> SimulationThread:
+        self._thread.start()
+        self._ready.wait(timeout=10)
+        return self
+
+    def _main(self) -> None:
+        async def body() -> None:
+            self._loop = asyncio.get_running_loop()
+            self._stop = asyncio.Event()
+            self._ready.set()
+            self.tally = await simulate(*self._args, stop=self._stop)
+
+        try:
+            asyncio.run(body())
+        except BaseException as exc:  # kept for the caller: a thread has nobody else to tell
+            self.error = exc
+        finally:
+            self._ready.set()
+
+    def stop(self, timeout: float = 20.0) -> Tally | None:
+        if self._loop is not None and self._stop is not None and not self._loop.is_closed():
+            # The loop may close between the check and the call; then there is nothing left to stop.
+            with contextlib.suppress(RuntimeError):
+                self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(timeout)
+        return self.tally

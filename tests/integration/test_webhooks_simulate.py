@@ -7,9 +7,10 @@ import io
 import os
 import subprocess
 import sys
+import time
 
 from cdc_dashboard.config import Settings
-from cdc_dashboard.simulate import SimulateOptions, simulate
+from cdc_dashboard.simulate import SimulateOptions, SimulationThread, simulate
 
 from .webhook_server import MPESA_TOKEN, PAYSTACK_SECRET, assert_consistent, serve_webhooks
 
@@ -61,3 +62,17 @@ def test_simulate_without_secrets_says_what_to_do(db_url: str) -> None:
     )
     assert result.returncode == 2
     assert "CDC_PAYSTACK_SECRET_KEY" in result.stderr and "--direct" in result.stderr
+
+
+def test_simulation_thread_stops_on_request(db_url: str) -> None:
+    settings = Settings(_env_file=None)  # type: ignore[call-arg]
+    options = SimulateOptions(rate=20, direct=True, seed=3, progress=False)
+    thread = SimulationThread(settings, db_url, options).start()
+    with serve_webhooks(db_url) as server:
+        deadline = time.monotonic() + 20
+        while server.one("select count(*) from payments where status = 'completed'") < 5:
+            assert time.monotonic() < deadline and thread.error is None, thread.error
+            time.sleep(0.2)
+    tally = thread.stop()
+    assert thread.error is None and tally is not None
+    assert tally.sent >= 5 and tally.errors == 0
