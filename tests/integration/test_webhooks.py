@@ -210,6 +210,36 @@ def test_paystack_five_parallel_duplicates_record_one_payment(server: WebhookSer
     }
 
 
+def test_parallel_refunds_and_c2b_duplicates_record_once(server: WebhookServer) -> None:
+    business = server.business(shortcode="600966")
+    assert server.paystack(charge(business, reference="T2154954_412829_3be32076_6lcg3")).status_code == 200
+    refund = json.dumps(fixture("paystack/refund_processed")).encode()
+    c2b = fixture("mpesa/c2b_confirmation_v2")
+    with ThreadPoolExecutor(10) as pool:
+        refunds = [pool.submit(server.paystack, refund) for _ in range(5)]
+        confirmations = [pool.submit(server.mpesa, "c2b/confirmation", c2b) for _ in range(5)]
+        codes = [f.result().status_code for f in refunds + confirmations]
+    assert codes == [200] * 10
+    assert server.query("select method, status from payments order by method") == [
+        ("mpesa", "completed"),
+        ("paystack", "refunded"),
+    ]
+    assert server.query("select type, count(*) from client_business_transactions group by type order by type") == [
+        ("payment", 2),
+        ("refund", 1),
+    ]
+
+
+def test_new_client_paying_twice_at_once_is_one_client(server: WebhookServer) -> None:
+    business = server.business()
+    bodies = [json.dumps(charge(business, reference=f"SAME-CLIENT-{n}")).encode() for n in range(5)]
+    with ThreadPoolExecutor(5) as pool:
+        codes = [r.status_code for r in pool.map(server.paystack, bodies)]
+    assert codes == [200] * 5
+    assert server.one("select count(*) from payments") == 5
+    assert server.one("select count(*) from clients") == 1
+
+
 def test_paystack_returning_client_is_found_by_email(server: WebhookServer) -> None:
     business = server.business()
     first = charge(business, reference="R-1")
@@ -494,6 +524,17 @@ def test_same_receipt_by_c2b_then_stk_is_one_payment(server: WebhookServer) -> N
     ]
     assert server.one("select count(*) from client_business_transactions") == 1
     assert server.one("select payment_status from bookings") == "paid"
+
+
+def test_receipt_already_paid_to_another_business_changes_neither(server: WebhookServer) -> None:
+    paybill_owner = server.business(shortcode="600966")
+    other = server.business()
+    pending = server.pending_stk(other, "ws_CO_X", 500)
+    assert server.mpesa("c2b/confirmation", fixture("mpesa/c2b_confirmation_v2")).status_code == 200
+    assert server.mpesa("stk", _stk_for("RKL51ZDR4F", "ws_CO_X")).status_code == 200
+    assert server.one("select status from payments where id = %s", pending) == "pending"
+    assert server.one("select business_id from payments where status = 'completed'") == paybill_owner
+    assert server.one("select count(*) from payment_transactions where business_id is null") == 1
 
 
 def test_same_receipt_by_stk_and_c2b_in_parallel_is_one_payment(server: WebhookServer) -> None:

@@ -85,7 +85,7 @@ async def _lock(conn: asyncpg.Connection, key: str) -> None:
 
 
 async def _client(conn: asyncpg.Connection, *, email: str | None, phone: str | None, name: str) -> uuid.UUID | None:
-    """The client with this email (Paystack) or phone (M-Pesa, as given), created when new."""
+    """The client with this email (Paystack), else this phone (M-Pesa: as given), created when new."""
     q = _q()
     if email:
         await _lock(conn, f"client:email:{email.lower()}")
@@ -280,7 +280,7 @@ async def record_paystack_charge(pool: asyncpg.Pool, charge: PaystackCharge, raw
             return Recorded("duplicate", row["id"], row["business_id"])
         if row is not None:
             client_id = row["client_id"] or await _client(
-                conn, email=charge.email, phone=None, name=charge.customer_name
+                conn, email=charge.email, phone=charge.phone, name=charge.customer_name
             )
             booking_id = row["booking_id"] or await _booking(conn, charge.booking_id, row["business_id"])
             return await _complete_pending(
@@ -305,7 +305,7 @@ async def record_paystack_charge(pool: asyncpg.Pool, charge: PaystackCharge, raw
                 status="completed",
                 raw=raw,
             )
-        client_id = await _client(conn, email=charge.email, phone=None, name=charge.customer_name)
+        client_id = await _client(conn, email=charge.email, phone=charge.phone, name=charge.customer_name)
         booking_id = await _booking(conn, charge.booking_id, business_id)
         payment_id = await _new_payment(
             conn,
@@ -378,6 +378,16 @@ async def _stk_success(conn: asyncpg.Connection, row: asyncpg.Record, result: St
     q = _q()
     await _lock(conn, f"{MPESA}:receipt:{result.receipt}")
     other = await conn.fetchrow(q["payment_by_receipt"], result.receipt)
+    if other is not None and other["business_id"] != row["business_id"]:
+        # One receipt cannot pay two businesses: a shortcode or CheckoutRequestID is misconfigured somewhere.
+        # Change neither business's figures; keep the body for whoever sorts it out.
+        log.warning(
+            "ingest: STK receipt already recorded for another business; kept unattributed",
+            extra={"receipt": result.receipt, "payment_id": str(other["id"]), "pending_payment_id": str(row["id"])},
+        )
+        return await _unattributed(
+            conn, provider=MPESA, amount_minor=result.amount_minor, currency=MPESA_CURRENCY, status="completed", raw=raw
+        )
     if other is not None and other["id"] != row["id"]:
         # The C2B confirmation of this very payment came first. It stays the payment (it is already in the
         # figures); it adopts the app's client and booking, and the pending STK row is folded into it.
