@@ -135,7 +135,7 @@ async function api(path, { method = "GET", signal } = {}) {
     signal,
     // The header keeps the token out of access logs; only EventSource needs it in the URL.
     headers: { Authorization: `Bearer ${token}`, Accept: "application/json" },
-    cache: "no-store",
+    cache: "no-cache", // revalidate every time; an unchanged figure costs a 304, not a body
   });
   if (!response.ok) {
     let detail = response.statusText;

@@ -1,0 +1,192 @@
+"""The seed's testing procedure, in a real browser: the owner's dashboard is open, a client payment completes in
+another connection, and the page shows it within 2 seconds, without a reload. Then: the gateway goes away and
+comes back, and the page says so, polls meanwhile, and catches up on what it missed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import psycopg
+import pytest
+from playwright.sync_api import Browser, Locator, Page, expect
+
+from cdc_dashboard.events import manual_refresh_payload
+
+from .harness import Gateway
+
+pytestmark = pytest.mark.browser
+
+
+@dataclass(frozen=True)
+class Shop:
+    business_id: str
+    unpaid_booking_id: str
+
+
+def seed_shop(db_url: str) -> Shop:
+    """A business with one regular client who paid KES 2,500 today, and an unpaid booking for a newcomer."""
+    business_id, regular, booking = (str(uuid.uuid4()) for _ in range(3))
+    with psycopg.connect(db_url) as conn:
+        conn.execute("insert into businesses (id, name) values (%s, 'Wanjiru Beauty Studio')", (business_id,))
+        conn.execute("insert into clients (id, name, phone) values (%s, 'Otieno', '+254700000001')", (regular,))
+        conn.execute(
+            "insert into payments (business_id, client_id, amount_minor, currency, method, status, paid_at)"
+            " values (%s, %s, 250000, 'KES', 'cash', 'completed', now())",
+            (business_id, regular),
+        )
+        conn.execute(
+            "insert into bookings (id, business_id, amount_due_minor, currency) values (%s, %s, 150000, 'KES')",
+            (booking, business_id),
+        )
+    return Shop(business_id, booking)
+
+
+def complete_payment(db_url: str, shop: Shop, client_name: str, amount_minor: int, *, booking: bool) -> str:
+    """What the payment app does when a new client pays by M-Pesa: one transaction over all payment tables."""
+    with psycopg.connect(db_url) as conn:
+        return record_payment(conn, shop, client_name, amount_minor, booking=booking)
+
+
+def record_payment(conn: psycopg.Connection, shop: Shop, client_name: str, amount_minor: int, *, booking: bool) -> str:
+    client_id, payment_id = str(uuid.uuid4()), str(uuid.uuid4())
+    booking_id = shop.unpaid_booking_id if booking else None
+    with conn.transaction():
+        conn.execute("insert into clients (id, name, phone) values (%s, %s, '+254711000000')", (client_id, client_name))
+        conn.execute(
+            "insert into payments (id, business_id, client_id, booking_id, amount_minor, currency, method, status,"
+            " paid_at) values (%s, %s, %s, %s, %s, 'KES', 'mpesa', 'completed', now())",
+            (payment_id, shop.business_id, client_id, booking_id, amount_minor),
+        )
+        conn.execute(
+            "insert into payment_transactions (business_id, payment_id, provider, amount_minor, currency, status)"
+            " values (%s, %s, 'mpesa', %s, 'KES', 'completed')",
+            (shop.business_id, payment_id, amount_minor),
+        )
+        conn.execute(
+            "insert into client_business_transactions (business_id, client_id, payment_id, type, amount_minor,"
+            " currency) values (%s, %s, %s, 'payment', %s, 'KES')",
+            (shop.business_id, client_id, payment_id, amount_minor),
+        )
+        if booking_id:
+            conn.execute(
+                "update bookings set payment_status = 'paid', client_id = %s where id = %s", (client_id, booking_id)
+            )
+    return payment_id
+
+
+def append_invalidations(db_url: str, shop: Shop, count: int) -> None:
+    """`count` events for the business, each in its own transaction, through the gateway's durable event log."""
+    payload = json.dumps(manual_refresh_payload(shop.business_id, datetime.now(UTC).isoformat()))
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        for _ in range(count):
+            conn.execute(
+                "select dashboard.append_events_v1(%s, %s, %s::jsonb[])",
+                ([shop.business_id], ["invalidate"], [payload]),
+            )
+
+
+def open_dashboard(chromium: Browser, gateway: Gateway, shop: Shop) -> Page:
+    page = chromium.new_page(viewport={"width": 420, "height": 900})
+    page.goto(f"{gateway.url}/dashboard/{shop.business_id}?access_token={gateway.token(shop.business_id)}")
+    expect(page.get_by_test_id("connection-status")).to_have_text("live", timeout=10_000)
+    # The seed's figures (the listener built them from the captured inserts).
+    expect(page.get_by_test_id("revenue-total")).to_have_text("KES 2,500.00", timeout=10_000)
+    return page
+
+
+def paid_bookings(page: Page) -> Locator:
+    return page.get_by_test_id("bookings-by-payment-status").locator('[data-status="paid"] .count')
+
+
+def test_a_completed_payment_reaches_the_open_dashboard_within_2_seconds(
+    chromium: Browser, gateway: Gateway, db_url: str
+) -> None:
+    shop = seed_shop(db_url)
+    page = open_dashboard(chromium, gateway, shop)
+    expect(page.get_by_test_id("clients-total")).to_have_text("1")
+    expect(page.get_by_test_id("payments-count")).to_have_text("1")
+    expect(paid_bookings(page)).to_have_text("0")
+    expect(page.get_by_test_id("transactions").locator(":scope > *")).to_have_count(1)
+
+    payment_id = complete_payment(db_url, shop, "Achieng", 150000, booking=True)
+    committed = time.monotonic()
+
+    def within_2s() -> float:
+        """Milliseconds left of the 2 s the seed allows, counted from the commit (at least 1 ms)."""
+        return max(1.0, (2.0 - (time.monotonic() - committed)) * 1000)
+
+    transactions = page.get_by_test_id("transactions").locator(":scope > *")
+    expect(page.get_by_test_id("toast").last).to_have_text("KES 1,500.00 from Achieng via M-Pesa", timeout=within_2s())
+    expect(page.get_by_test_id("revenue-today")).to_have_text("KES 4,000.00", timeout=within_2s())
+    expect(page.get_by_test_id("revenue-total")).to_have_text("KES 4,000.00", timeout=within_2s())
+    expect(page.get_by_test_id("revenue-month")).to_have_text("KES 4,000.00", timeout=within_2s())
+    expect(transactions.first).to_have_attribute("data-id", payment_id, timeout=within_2s())
+    expect(transactions.first).to_contain_text("Achieng", timeout=within_2s())
+    expect(transactions.first).to_contain_text("KES 1,500.00", timeout=within_2s())
+    expect(transactions.first).to_contain_text("M-Pesa", timeout=within_2s())
+    expect(transactions).to_have_count(2, timeout=within_2s())
+    expect(page.get_by_test_id("clients-total")).to_have_text("2", timeout=within_2s())
+    expect(page.get_by_test_id("clients-new-today")).to_have_text("2", timeout=within_2s())
+    expect(page.get_by_test_id("payments-count")).to_have_text("2", timeout=within_2s())
+    expect(paid_bookings(page)).to_have_text("1", timeout=within_2s())
+
+    # A burst of payments: all of them shown.
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        for n in range(10):
+            record_payment(conn, shop, f"Client {n}", 10000, booking=False)
+    expect(page.get_by_test_id("payments-count")).to_have_text("12", timeout=5_000)
+    expect(page.get_by_test_id("revenue-total")).to_have_text("KES 5,000.00", timeout=5_000)
+    expect(transactions.first).to_contain_text("Client 9")
+
+    # A burst of 10 separate events (as 10 manual refreshes append them) costs one or two stats refetches,
+    # not ten: the page coalesces what arrives within its window into one invalidation per key.
+    page.wait_for_timeout(300)  # let the refetches of the payment burst finish
+    stats_requests: list[str] = []
+    page.on("request", lambda request: stats_requests.append(request.url) if "/stats" in request.url else None)
+    append_invalidations(db_url, shop, 10)
+    expect(page.get_by_test_id("payments-count")).to_have_text("12")
+    page.wait_for_timeout(500)
+    assert 1 <= len(stats_requests) <= 3, stats_requests
+
+    if os.environ.get("CDC_SCREENSHOT"):  # how docs/dashboard.png is made: CDC_SCREENSHOT=docs/dashboard.png
+        page.wait_for_timeout(6500)  # let the toasts fade, for a calm picture
+        page.screenshot(path=os.environ["CDC_SCREENSHOT"], full_page=True)
+    page.close()
+
+
+def test_the_page_polls_while_the_gateway_is_down_and_catches_up_when_it_returns(
+    chromium: Browser, gateway: Gateway, db_url: str
+) -> None:
+    shop = seed_shop(db_url)
+    page = open_dashboard(chromium, gateway, shop)
+    status = page.get_by_test_id("connection-status")
+    attempts: list[tuple[float, str]] = []
+    page.on("request", lambda request: attempts.append((time.monotonic(), request.url)))
+
+    gateway.stop()
+    stopped = time.monotonic()
+    expect(status).not_to_have_text("live", timeout=5_000)
+    expect(status).to_have_text("polling", timeout=10_000)
+    # Polling means fetching the figures (they fail while the gateway is away, and the page says so).
+    expect(page.locator("#banner")).to_be_visible(timeout=5_000)
+    assert any(at > stopped and "/stats" in url for at, url in attempts), attempts
+
+    # A payment while the gateway and its listener are down: captured durably, delivered when they return.
+    payment_id = complete_payment(db_url, shop, "Achieng", 150000, booking=True)
+    gateway.start()
+    expect(status).to_have_text("live", timeout=20_000)
+    expect(page.get_by_test_id("transactions").locator(":scope > *").first).to_have_attribute(
+        "data-id", payment_id, timeout=5_000
+    )
+    expect(page.get_by_test_id("revenue-total")).to_have_text("KES 4,000.00", timeout=5_000)
+    expect(page.get_by_test_id("clients-total")).to_have_text("2", timeout=5_000)
+    expect(paid_bookings(page)).to_have_text("1", timeout=5_000)
+    expect(page.get_by_test_id("toast").last).to_have_text("KES 1,500.00 from Achieng via M-Pesa", timeout=5_000)
+    expect(page.locator("#banner")).to_be_hidden()
+    page.close()
