@@ -1,12 +1,12 @@
 """Fan-out: N idle SSE connections on one gateway process; its RSS per connection and broadcast latency.
 
-    .venv/bin/python bench/fanout.py [--connections 10000] [--broadcasts 5] [--clients 1]
+    .venv/bin/python bench/fanout.py [--connections 10000] [--broadcasts 5] [--interval 3] [--clients 1]
 
 Creates a scratch database on CDC_BENCH_ADMIN_URL (default postgresql://postgres@127.0.0.1:5432/postgres),
 applies the schema and starts `cdc-dashboard serve` (one process). Separate client processes (`--clients`)
 open the connections, all to one business's stream (the worst case: every event reaches every stream), with
 raw asyncio sockets so the client's own cost stays small. The gateway's RSS is read from /proc before and after
-the connections open. Then `--broadcasts` events are appended one second apart through
+the connections open. Then `--broadcasts` events are appended `--interval` seconds apart through
 `dashboard.append_events_v1` (what the listener does), each carrying its wall-clock append time; every client
 notes when each event arrived. Latency = arrival - append (same host, same clock), over all connections.
 
@@ -64,7 +64,7 @@ def _raise_fd_limit() -> None:
 
 async def _client(port: int, business: str, token: str, count: int, broadcasts: int, out: Path) -> None:
     """Open `count` streams, report readiness on stdout, then record each event's arrival per stream."""
-    arrivals: list[float] = []
+    arrivals: list[tuple[int, float]] = []
     failures = 0
     request = (
         f"GET /v1/businesses/{business}/events HTTP/1.1\r\nHost: bench\r\nAuthorization: Bearer {token}\r\n"
@@ -97,11 +97,12 @@ async def _client(port: int, business: str, token: str, count: int, broadcasts: 
             if not line:
                 return
             if line.startswith(b"data:") and b'"sent_at"' in line:
-                arrivals.append(time.time() - json.loads(line[5:])["sent_at"])
+                data = json.loads(line[5:])
+                arrivals.append((data["seq"], time.time() - data["sent_at"]))
                 seen += 1
 
     try:
-        async with asyncio.timeout(broadcasts * 2 + 60):
+        async with asyncio.timeout(broadcasts * 30 + 60):
             await asyncio.gather(*(read(r) for r in readers))
     finally:
         await asyncio.to_thread(out.write_text, json.dumps({"latencies": arrivals, "failures": failures}))
@@ -122,6 +123,7 @@ def main() -> int:
     parser.add_argument("--connections", type=int, default=10000)
     parser.add_argument("--broadcasts", type=int, default=5)
     parser.add_argument("--clients", type=int, default=1, help="client processes sharing the connections")
+    parser.add_argument("--interval", type=float, default=3.0, help="seconds between broadcasts (default 3)")
     parser.add_argument("--client", nargs=6, help=argparse.SUPPRESS)
     args = parser.parse_args()
     _raise_fd_limit()
@@ -200,18 +202,20 @@ def main() -> int:
         rss_after = _rss_kib(gateway.pid)
 
         with psycopg.connect(db, autocommit=True) as conn:
-            for _ in range(args.broadcasts):
-                payload = json.dumps({"business_id": business, "sent_at": time.time(), "query_keys": []})
+            for seq in range(args.broadcasts):
+                payload = json.dumps({"business_id": business, "seq": seq, "sent_at": time.time(), "query_keys": []})
                 conn.execute(
                     "select dashboard.append_events_v1(array[%s], array['invalidate'], array[%s::jsonb])",
                     (business, payload),
                 )
-                time.sleep(1)
-        latencies: list[float] = []
+                time.sleep(args.interval)
+        arrivals: list[tuple[int, float]] = []
         for client, out in zip(clients, outs, strict=True):
-            client.wait(120)
-            latencies += json.loads(out.read_text())["latencies"]
+            client.wait(300)
+            arrivals += [(seq, latency) for seq, latency in json.loads(out.read_text())["latencies"]]
             out.unlink()
+        latencies = [latency for _, latency in arrivals]
+        per_broadcast = {seq: [latency for s, latency in arrivals if s == seq] for seq in range(args.broadcasts)}
         expected = connected * args.broadcasts
         result = {
             "connections": connected,
@@ -225,6 +229,11 @@ def main() -> int:
             "latency_p50_ms": round(1000 * statistics.median(latencies), 1) if latencies else None,
             "latency_p99_ms": round(1000 * _percentile(latencies, 0.99), 1) if latencies else None,
             "latency_max_ms": round(1000 * max(latencies), 1) if latencies else None,
+            "per_broadcast_p50_p99_ms": [
+                [round(1000 * statistics.median(v), 1), round(1000 * _percentile(v, 0.99), 1)]
+                for v in per_broadcast.values()
+                if v
+            ],
         }
         print(json.dumps(result, indent=2))
         return 0 if latencies and len(latencies) == expected else 1

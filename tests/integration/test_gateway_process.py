@@ -208,3 +208,19 @@ async def test_run_serves_the_demo_and_prints_the_dashboard_url_last(db_url: str
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+async def test_cors_allows_only_the_configured_origins(db_url: str) -> None:
+    b = str(uuid.uuid4())
+    preflight = {"Access-Control-Request-Method": "GET", "Access-Control-Request-Headers": "authorization"}
+    async with (
+        run_gateway(db_url, cors_origins="https://app.example, https://admin.example") as gw,
+        aiohttp.ClientSession() as session,
+    ):
+        url = f"{gw.url}/v1/businesses/{b}/events"
+        async with session.options(url, headers={"Origin": "https://app.example", **preflight}) as r:
+            assert r.status == 200
+            assert r.headers["Access-Control-Allow-Origin"] == "https://app.example"
+        async with session.options(url, headers={"Origin": "https://evil.example", **preflight}) as r:
+            assert r.status == 400
+            assert "Access-Control-Allow-Origin" not in r.headers

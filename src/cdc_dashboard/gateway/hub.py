@@ -232,7 +232,9 @@ class Hub:
                     await self._catch_up()
             except asyncio.CancelledError:
                 raise
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, ConnectionError, TimeoutError) as exc:
+            except Exception as exc:
+                # Whatever went wrong, the loop must go on: a hub that stopped would silence every stream of
+                # this process while /readyz still answered. Reconnecting and catching up by id loses nothing.
                 if self._stopping:
                     break
                 self.listening.clear()
@@ -241,9 +243,11 @@ class Hub:
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 self.last_error_at = time.time()
                 delay = backoff.next_delay()
+                expected = isinstance(exc, OSError | asyncpg.PostgresError | asyncpg.InterfaceError | TimeoutError)
                 log.warning(
                     "gateway LISTEN connection lost; reconnecting",
                     extra={"error": self.last_error, "retry_in_seconds": round(delay, 3)},
+                    exc_info=None if expected else exc,
                 )
                 await self._close_conn()
                 await asyncio.sleep(delay)

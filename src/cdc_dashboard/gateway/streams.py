@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
+import asyncpg
 from sse_starlette import EventSourceResponse
 from sse_starlette.event import ServerSentEvent
 from sse_starlette.sse import SendTimeoutError
@@ -45,6 +46,7 @@ RETRY_MS = 2000
 # On SIGTERM streams end with a retry drawn from this range (ms), spreading the reconnects.
 DRAIN_RETRY_MS = (1000, 5000)
 _REPLAY_PAGE = 500
+_POOL_TIMEOUT = 5.0
 PING = ServerSentEvent(comment="ping", sep=SEP).encode()
 SSE_HEADERS = {"Cache-Control": "no-cache, no-transform", "X-Accel-Buffering": "no"}
 
@@ -96,10 +98,15 @@ async def _events(
     yield ServerSentEvent(retry=RETRY_MS, sep=SEP).encode()
     sent = start if last_id is None else last_id
     if last_id is not None:
-        async for frame, event_id in _replay(request, sub.business_id, last_id, start):
-            sent = event_id
-            metrics.events_sent.inc()
-            yield frame
+        try:
+            async for frame, event_id in _replay(request, sub.business_id, last_id, start):
+                sent = event_id
+                metrics.events_sent.inc()
+                yield frame
+        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            # The database is unreachable: end the stream; the client retries from the last id it received.
+            log.warning("replay failed; ending the stream", extra={"error": f"{type(exc).__name__}: {exc}"})
+            return
     loop = asyncio.get_running_loop()
     # Loop time of the token's expiry: the stream ends then.
     expiry = loop.time() + claims.seconds_left()
@@ -134,7 +141,7 @@ async def _replay(request: Request, business_id: str, last_id: int, start: int) 
     sql = queries("gateway")["stream_replay"]
     position = last_id
     while True:
-        async with request.app.state.pool.acquire() as conn:
+        async with request.app.state.pool.acquire(timeout=_POOL_TIMEOUT) as conn:
             rows = await conn.fetch(sql, position, business_id, _REPLAY_PAGE)
         pruned_through, newest = rows[0]["pruned_through"], rows[0]["last_event_id"]
         if position < pruned_through or position > max(newest, start):
