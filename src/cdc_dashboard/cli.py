@@ -114,6 +114,12 @@ def cmd_aggregates_rebuild(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_doctor(args: argparse.Namespace, settings: Settings) -> int:
+    from .doctor import run_doctor
+
+    return run_doctor(settings, gateway_url=args.url, as_json=args.json)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cdc-dashboard", description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--version", action="version", version=f"cdc-dashboard {__version__}")
@@ -164,6 +170,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rebuild.add_argument("--business", action="append", metavar="ID", help="only this business (repeatable)")
     rebuild.set_defaults(handler=cmd_aggregates_rebuild)
+
+    doctor = commands.add_parser(
+        "doctor", help="check that realtime works end to end: each failure says what to do (exit 0: all pass)"
+    )
+    doctor.add_argument("--json", action="store_true", help="print the report as JSON")
+    doctor.add_argument(
+        "--url", metavar="GATEWAY", help="gateway base URL (default http://CDC_HTTP_HOST:CDC_HTTP_PORT)"
+    )
+    doctor.set_defaults(handler=cmd_doctor)
 
     run = commands.add_parser("run", help="zero-setup demo: embedded PostgreSQL, demo data, live dashboard")
     run.add_argument("--seed", type=int, default=254, help="demo data seed (default 254)")

@@ -1,0 +1,749 @@
+"""`cdc-dashboard doctor`: does realtime work, and if not, what is the one thing to do.
+
+Each check passes or fails on its own, is timed, and on failure names its fix. A check whose precondition
+failed is skipped (with the reason) rather than failing again for the same cause. The last check is an
+end-to-end probe through the real path: a write on a tracked table, its capture, the listener's event and the
+gateway's stream, each hop timed.
+
+The probe (docs/OPERATIONS.md, "The end-to-end probe") writes for a business of its own (`PROBE_BUSINESS_ID`),
+created for the probe and deleted after it: one transaction inserts and deletes a `payment_transactions` row
+(a failed attempt of amount 0; no figure reads payment_transactions), so the row never exists outside that
+transaction, while the capture trigger records both changes. The listener turns them into an event for the
+probe business only, which no dashboard but the probe's own stream can see. Afterwards the probe deletes its
+events and its business; a probe that timed out also takes its unconsumed changes back out of the log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import sys
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Literal, TextIO
+
+import aiohttp
+import asyncpg
+
+from .config import Settings
+from .db import describe_url
+from .gateway.auth import create_token
+from .migrations import CAPTURE_VERSION, DEFAULT_TRACKED, schema_files, status
+from .sqlfiles import queries, sql_dir
+
+__all__ = ["PROBE_BUSINESS_ID", "CheckResult", "Report", "diagnose", "run_doctor"]
+
+# The probe's business: a fixed, recognisable id, so a leftover (a doctor killed mid-probe) is found and
+# removed by the next run, and an operator who sees it knows what it is.
+PROBE_BUSINESS_ID = "00000000-0000-4000-8000-00000000d0c7"
+PROBE_TABLE = "public.payment_transactions"
+
+# The live listener beats every ~4 s when quiet (listener.py, probe_interval), and at every batch when busy.
+HEARTBEAT_STALE_SECONDS = 15.0
+BACKLOG_STALE_SECONDS = 15.0
+OPEN_TRANSACTION_LIMIT_SECONDS = 600.0
+# Past this, a stuck LISTEN session is filling the queue; when it is full, every NOTIFY fails its commit.
+NOTIFY_QUEUE_LIMIT = 0.5
+CONNECT_TIMEOUT = 5.0
+QUERY_TIMEOUT = 10.0
+HTTP_TIMEOUT = 5.0
+PROBE_LOCK_WAIT = 15.0
+PROBE_LISTENER_TIMEOUT = 10.0
+PROBE_GATEWAY_TIMEOUT = 5.0
+
+Status = Literal["pass", "fail", "skip"]
+
+_LISTENER_FIX = (
+    "start or restart the listener: systemctl restart cdc-dashboard-listener "
+    "(or run `cdc-dashboard listen`), then read its log: journalctl -u cdc-dashboard-listener"
+)
+_DB_APPLY = "run cdc-dashboard db apply"
+_MISSING_OBJECT_ERRORS: tuple[type[BaseException], ...] = (
+    asyncpg.exceptions.UndefinedTableError,
+    asyncpg.exceptions.UndefinedFunctionError,
+    asyncpg.exceptions.UndefinedColumnError,
+    asyncpg.exceptions.InvalidSchemaNameError,
+)
+
+
+@dataclass
+class CheckResult:
+    name: str
+    status: Status
+    ms: float
+    summary: str
+    fix: str | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "status": self.status,
+            "ms": round(self.ms, 2),
+            "summary": self.summary,
+            "fix": self.fix,
+            "details": _jsonable(self.details),
+        }
+
+
+@dataclass
+class Report:
+    database: str | None
+    gateway: str
+    checks: list[CheckResult]
+    ms: float
+
+    @property
+    def ok(self) -> bool:
+        return all(c.status == "pass" for c in self.checks)
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "database": self.database,
+            "gateway": self.gateway,
+            "ms": round(self.ms, 2),
+            "checks": [c.as_json() for c in self.checks],
+        }
+
+    def as_table(self) -> str:
+        width = max(len(c.name) for c in self.checks)
+        lines = [f"cdc-dashboard doctor: database {self.database or '(not set)'}, gateway {self.gateway}", ""]
+        for c in self.checks:
+            label = {"pass": "pass", "fail": "FAIL", "skip": "skip"}[c.status]
+            lines.append(f"  {c.name:<{width}}  {label}  {c.ms:9.1f} ms  {c.summary}")
+            if c.fix:
+                lines.append(f"  {'':<{width}}  {'':4}  {'':12}  fix: {c.fix}")
+        failed = sum(c.status == "fail" for c in self.checks)
+        skipped = sum(c.status == "skip" for c in self.checks)
+        lines.append("")
+        if self.ok:
+            lines.append(f"all {len(self.checks)} checks passed in {self.ms:.0f} ms: realtime works")
+        else:
+            lines.append(
+                f"{failed} of {len(self.checks)} checks failed, {skipped} skipped ({self.ms:.0f} ms): "
+                "fix the first failure first, then run doctor again"
+            )
+        return "\n".join(lines)
+
+
+class _Failed(Exception):
+    def __init__(self, summary: str, fix: str, details: dict[str, Any] | None = None) -> None:
+        super().__init__(summary)
+        self.summary = summary
+        self.fix = fix
+        self.details = details or {}
+
+
+Outcome = tuple[str, dict[str, Any]]
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    if isinstance(value, float):
+        return round(value, 3)
+    return value
+
+
+def _capture_function_name(table: str) -> str:
+    """The name cdc.capture_function_name_v1 gives a table's generated capture function."""
+    return "capture_" + hashlib.md5(table.encode()).hexdigest()[:16] + "_v1"
+
+
+def _track_sql(table: str, business_column: str, id_column: str, watch: Sequence[str]) -> str:
+    columns = "array[" + ", ".join(f"'{c}'" for c in watch) + "]::text[]"
+    return (
+        f"psql: select cdc.track('{table}', business_column => '{business_column}', "
+        f"id_column => '{id_column}', watch_columns => {columns})"
+    )
+
+
+def _seconds(value: float | None) -> str:
+    if value is None:
+        return "never"
+    if value < 120:
+        return f"{value:.1f} s"
+    if value < 7200:
+        return f"{value / 60:.0f} min"
+    if value < 172800:
+        return f"{value / 3600:.1f} h"
+    return f"{value / 86400:.1f} days"
+
+
+def default_gateway_url(settings: Settings) -> str:
+    host = settings.http_host
+    if host in ("0.0.0.0", ""):
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{settings.http_port}"
+
+
+class _Doctor:
+    def __init__(self, settings: Settings, database_url: str | None, gateway_url: str) -> None:
+        self._settings = settings
+        self._url = database_url
+        self._gateway = gateway_url.rstrip("/")
+        self._q = queries("doctor")
+        self._conn: Any = None
+        self._results: dict[str, CheckResult] = {}
+
+    async def run(self) -> list[CheckResult]:
+        plan: list[tuple[str, Callable[[], Awaitable[Outcome]], tuple[str, ...]]] = [
+            ("database", self._database, ()),
+            ("schema", self._schema, ("database",)),
+            ("capture", self._capture, ("database",)),
+            ("capture_triggers", self._capture_triggers, ("capture",)),
+            ("notify_queue", self._notify_queue, ("database",)),
+            ("listener", self._listener, ("database",)),
+            ("backlog", self._backlog, ("database",)),
+            ("oldest_transaction", self._oldest_transaction, ("database",)),
+            ("events", self._events, ("database",)),
+            ("dead_letters", self._dead_letters, ("database",)),
+            ("gateway", self._gateway_ready, ()),
+            ("end_to_end", self._end_to_end, ("database", "listener", "gateway")),
+        ]
+        try:
+            for name, check, needs in plan:
+                self._results[name] = await self._run_one(name, check, needs)
+        finally:
+            if self._conn is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(self._conn.close(), 2)
+        return list(self._results.values())
+
+    async def _run_one(self, name: str, check: Callable[[], Awaitable[Outcome]], needs: tuple[str, ...]) -> CheckResult:
+        for need in needs:
+            if self._results[need].status != "pass":
+                return CheckResult(name, "skip", 0.0, f"skipped: needs {need}, which did not pass")
+        started = time.perf_counter()
+
+        def result(status: Status, summary: str, fix: str | None, details: dict[str, Any]) -> CheckResult:
+            return CheckResult(name, status, (time.perf_counter() - started) * 1000, summary, fix, details)
+
+        try:
+            summary, details = await check()
+            return result("pass", summary, None, details)
+        except _Failed as failed:
+            return result("fail", failed.summary, failed.fix, failed.details)
+        except _MISSING_OBJECT_ERRORS as exc:
+            schema = self._results.get("schema")
+            if schema is not None and schema.status == "fail":
+                return result("skip", "skipped: the schema is behind (see schema)", None, {"error": str(exc)})
+            return result("fail", f"the database lacks an object this needs: {exc}", _DB_APPLY, {})
+        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            reason = " ".join(str(exc).split()) or type(exc).__name__
+            return result(
+                "fail",
+                f"database error: {type(exc).__name__}: {reason}",
+                "check that PostgreSQL is up and reachable from here (see database), then run doctor again",
+                {},
+            )
+        except Exception as exc:  # a bug in doctor: report it as a failed check, never as a traceback
+            return result(
+                "fail",
+                f"doctor itself failed: {type(exc).__name__}: {exc}",
+                "this is a bug in cdc-dashboard doctor: report it with this output",
+                {},
+            )
+
+    # -- database -------------------------------------------------------------------------------------------
+
+    async def _database(self) -> Outcome:
+        if not self._url:
+            raise _Failed(
+                "CDC_DATABASE_URL is not set",
+                "set CDC_DATABASE_URL to the application's database (the listener's EnvironmentFile has it)",
+            )
+        try:
+            self._conn = await asyncpg.connect(
+                self._url,
+                timeout=CONNECT_TIMEOUT,
+                command_timeout=QUERY_TIMEOUT,
+                server_settings={"application_name": "cdc-dashboard doctor"},
+            )
+        except Exception as exc:
+            reason = " ".join(str(exc).split()) or type(exc).__name__
+            raise _Failed(
+                f"cannot connect to {describe_url(self._url)}: {reason}",
+                "start PostgreSQL or correct CDC_DATABASE_URL (host, port, user, password, database)",
+            ) from None
+        row = await self._conn.fetchrow(self._q["server"])
+        return f"PostgreSQL {row['version']}, database {row['database']}", {
+            "server_version": row["version"],
+            "database": row["database"],
+        }
+
+    async def _schema(self) -> Outcome:
+        assert self._url is not None
+        applied, pending = await asyncio.to_thread(status, self._url)
+        known = {p.name for p in schema_files()}
+        versions = [m.version for m in applied if m.version != CAPTURE_VERSION]
+        details: dict[str, Any] = {"applied": versions, "pending": pending}
+        if pending:
+            raise _Failed(f"{len(pending)} migration(s) pending: {', '.join(pending)}", _DB_APPLY, details)
+        unknown = [v for v in versions if v not in known]
+        if unknown:
+            raise _Failed(
+                f"the database has migrations this installation does not know: {', '.join(unknown)}",
+                "upgrade this installation of cdc-dashboard to the version that applied them",
+                details,
+            )
+        return f"current: {len(versions)} migrations applied, newest {versions[-1] if versions else '-'}", details
+
+    # -- capture --------------------------------------------------------------------------------------------
+
+    async def _capture(self) -> Outcome:
+        rows = await self._conn.fetch(self._q["capture_objects"])
+        missing = [r["name"] for r in rows if not r["present"]]
+        details: dict[str, Any] = {"objects": [r["name"] for r in rows], "missing": missing}
+        if missing:
+            raise _Failed(f"capture is not installed: missing {', '.join(missing)}", _DB_APPLY, details)
+        recorded = None
+        with contextlib.suppress(*_MISSING_OBJECT_ERRORS):
+            recorded = await self._conn.fetchval(self._q["capture_recorded_checksum"])
+        current = hashlib.sha256((sql_dir() / "triggers" / "install.sql").read_bytes()).hexdigest()
+        details["install_sql_current"] = recorded == current
+        if recorded != current:
+            raise _Failed(
+                "the installed capture SQL is not this version's sql/triggers/install.sql",
+                f"{_DB_APPLY} (re-runs install.sql; it is idempotent)",
+                details,
+            )
+        return f"installed: {len(rows)} objects in schema cdc, install.sql current", details
+
+    async def _capture_triggers(self) -> Outcome:
+        tracked = {r["table_name"]: r for r in await self._conn.fetch(self._q["tracked_tables"])}
+        tables = sorted(set(tracked) | set(DEFAULT_TRACKED))
+        rows = await self._conn.fetch(self._q["capture_triggers"], tables, [_capture_function_name(t) for t in tables])
+        problems: list[str] = []
+        fixes: list[str] = []
+        states: dict[str, dict[str, Any]] = {}
+        for row in rows:
+            table = row["table_name"]
+            short = table.removeprefix("public.")
+            states[table] = {
+                "tracked": table in tracked,
+                "row_trigger": row["row_trigger"],
+                "truncate_trigger": row["truncate_trigger"],
+            }
+            default = DEFAULT_TRACKED.get(table)
+            if table in tracked:
+                t = tracked[table]
+                track = _track_sql(table, t["business_column"], t["id_column"], list(t["watch_columns"]))
+            else:
+                assert default is not None
+                track = _track_sql(table, default[0], "id", default[1])
+            if not row["table_exists"]:
+                problems.append(f"{short}: the table does not exist")
+                fixes.append(
+                    _DB_APPLY if default else f"psql: delete from cdc.tracked_tables where table_name = '{table}'"
+                )
+                continue
+            # `db apply` re-tracks a default table whose row trigger is gone; anything else needs cdc.track.
+            if row["row_trigger"] is None or table not in tracked:
+                what = "not tracked" if table not in tracked else "trigger cdc_capture_v1 is missing"
+                problems.append(f"{short}: {what}")
+                fixes.append(_DB_APPLY if default else track)
+                continue
+            if row["row_function"] != _capture_function_name(table) or not row["function_exists"]:
+                problems.append(f"{short}: cdc_capture_v1 does not call its generated capture function")
+                fixes.append(track)
+            elif row["row_trigger"] not in ("O", "A"):
+                problems.append(f"{short}: trigger cdc_capture_v1 is disabled ({_ENABLED[row['row_trigger']]})")
+                fixes.append(f"psql: alter table {table} enable trigger cdc_capture_v1")
+            if row["truncate_trigger"] is None:
+                problems.append(f"{short}: trigger cdc_capture_truncate_v1 is missing")
+                fixes.append(track)
+            elif row["truncate_trigger"] not in ("O", "A"):
+                problems.append(
+                    f"{short}: trigger cdc_capture_truncate_v1 is disabled ({_ENABLED[row['truncate_trigger']]})"
+                )
+                fixes.append(f"psql: alter table {table} enable trigger cdc_capture_truncate_v1")
+        details = {"tables": states}
+        if problems:
+            raise _Failed("; ".join(problems), "; ".join(dict.fromkeys(fixes)), details)
+        return f"cdc_capture_v1 and cdc_capture_truncate_v1 enabled on {len(tables)} tables", details
+
+    async def _notify_queue(self) -> Outcome:
+        usage = float(await self._conn.fetchval(self._q["notify_queue"]))
+        details = {"usage": usage}
+        summary = f"{usage * 100:.2f}% of the NOTIFY queue in use"
+        if usage >= NOTIFY_QUEUE_LIMIT:
+            raise _Failed(
+                summary + ": a session that LISTENs is not consuming, and a full queue fails every NOTIFY's commit",
+                "end the session that LISTENs inside a long-open transaction (see oldest_transaction): "
+                "select pg_terminate_backend(PID)",
+                details,
+            )
+        return summary, details
+
+    # -- listener -------------------------------------------------------------------------------------------
+
+    async def _listener(self) -> Outcome:
+        row = await self._conn.fetchrow(self._q["listener_state"])
+        if row is None:
+            raise _Failed("dashboard.listener_state has no row", _DB_APPLY)
+        details = dict(row)
+        age = row["heartbeat_age_seconds"]
+        where = f"state {row['state']} on {row['node'] or '?'}"
+        errors = f", last error: {row['last_error']}" if row["last_error"] else ""
+        if age is None:
+            raise _Failed("the listener has never run against this database", _LISTENER_FIX, details)
+        if age > HEARTBEAT_STALE_SECONDS:
+            raise _Failed(f"no listener heartbeat for {_seconds(age)} (last {where}{errors})", _LISTENER_FIX, details)
+        if row["state"] == "stopped":
+            raise _Failed(f"the listener stopped {_seconds(age)} ago ({where})", _LISTENER_FIX, details)
+        if row["state"] == "catching_up":
+            raise _Failed(
+                f"the listener is catching up a backlog ({where})",
+                "wait for it to finish (see backlog), then run doctor again",
+                details,
+            )
+        if row["state"] != "live":
+            raise _Failed(
+                f"the listener is not live ({where}{errors})",
+                "check that the listener's host reaches PostgreSQL: journalctl -u cdc-dashboard-listener",
+                details,
+            )
+        return (
+            f"live on {row['node']}, heartbeat {_seconds(age)} ago, {row['reconnects']} reconnects, "
+            f"{row['listener_processes']} listener process(es){errors}",
+            details,
+        )
+
+    async def _backlog(self) -> Outcome:
+        row = await self._conn.fetchrow(self._q["backlog"])
+        details = dict(row)
+        oldest = row["oldest_seconds"]
+        summary = f"{row['backlog']} change(s) waiting" + (f", oldest {_seconds(oldest)}" if oldest else "")
+        if oldest is not None and oldest > BACKLOG_STALE_SECONDS:
+            raise _Failed(summary + ": the listener is not consuming", _LISTENER_FIX, details)
+        return summary, details
+
+    async def _oldest_transaction(self) -> Outcome:
+        row = await self._conn.fetchrow(self._q["oldest_transaction"])
+        if row is None:
+            return "no transaction holds changes open", {}
+        details = dict(row)
+        summary = (
+            f"pid {row['pid']} ({row['application_name'] or 'no application_name'}, {row['state']}) "
+            f"open for {_seconds(row['age_seconds'])}"
+        )
+        if row["age_seconds"] > OPEN_TRANSACTION_LIMIT_SECONDS:
+            raise _Failed(
+                summary + ": its changes reach dashboards only at commit, and it keeps vacuum from cleaning the log",
+                f"commit or roll it back in its application; if it is stuck: select pg_terminate_backend({row['pid']})",
+                details,
+            )
+        return summary, details
+
+    async def _events(self) -> Outcome:
+        row = await self._conn.fetchrow(self._q["events"])
+        details = dict(row)
+        retention = self._settings.event_retention_days
+        details["retention_days"] = retention
+        if row["oldest_at"] is None:
+            return f"no events retained (pruned through id {row['pruned_through']})", details
+        summary = (
+            f"events {row['oldest_at']:%Y-%m-%d %H:%M} .. {row['newest_at']:%Y-%m-%d %H:%M} (newest id "
+            f"{row['newest_id']}), pruned through id {row['pruned_through']}, retention {retention:g} days"
+        )
+        # A day of slack: pruning runs every minute while the listener is quiet, and its own
+        # CDC_EVENT_RETENTION_DAYS may differ from this shell's.
+        if row["oldest_age_seconds"] > (retention + 1) * 86400:
+            raise _Failed(
+                summary + f": the oldest is {_seconds(row['oldest_age_seconds'])} old, pruning is not keeping up",
+                "the listener prunes while quiet: check it is live and has the same CDC_EVENT_RETENTION_DAYS",
+                details,
+            )
+        return summary, details
+
+    async def _dead_letters(self) -> Outcome:
+        row = await self._conn.fetchrow(self._q["dead_letters"])
+        details = dict(row)
+        if row["count"]:
+            raise _Failed(
+                f"{row['count']} change(s) could not become events (newest {row['newest_at']:%Y-%m-%d %H:%M}: "
+                f"{row['newest_reason']})",
+                "inspect dashboard.dead_letters (select * from dashboard.dead_letters order by id desc), fix the "
+                "cause, then delete the rows you have dealt with",
+                details,
+            )
+        return "none", details
+
+    # -- gateway --------------------------------------------------------------------------------------------
+
+    async def _gateway_ready(self) -> Outcome:
+        url = f"{self._gateway}/readyz"
+        try:
+            async with (
+                aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=HTTP_TIMEOUT)) as session,
+                session.get(url) as response,
+            ):
+                text = await response.text()
+                code = response.status
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            reason = " ".join(str(exc).split()) or type(exc).__name__
+            raise _Failed(
+                f"no gateway answers at {self._gateway}: {reason}",
+                "start the gateway: systemctl start cdc-dashboard-gateway (or pass --url with its address)",
+            ) from None
+        try:
+            body = json.loads(text)
+        except ValueError:
+            body = None
+        checks = body.get("checks") if isinstance(body, dict) else None
+        if not isinstance(checks, dict):
+            raise _Failed(
+                f"{url} answered {code} but is not a cdc-dashboard gateway",
+                "pass --url with the gateway's own address (http://HOST:PORT)",
+            )
+        details = {"status": code, "checks": checks}
+        if code == 200:
+            return f"ready at {self._gateway}", details
+        failing = [k for k, v in checks.items() if not v]
+        fixes = {
+            "database": "the gateway cannot reach PostgreSQL: check its CDC_DATABASE_URL and the network",
+            "listening": "its LISTEN connection is down: read last_error in GET /v1/status (admin token), "
+            "or journalctl -u cdc-dashboard-gateway",
+            "not_draining": "it is shutting down: wait for systemd to restart it, or start it",
+            "listener": "its in-process listener is not ready: read /v1/status (embedded_listener.last_error)",
+        }
+        raise _Failed(
+            f"not ready ({code}): {', '.join(failing) or 'unknown'} failing",
+            "; ".join(fixes.get(k, f"{k} is failing") for k in failing) or "read GET /readyz",
+            details,
+        )
+
+    # -- end to end -----------------------------------------------------------------------------------------
+
+    def _secret(self) -> str | None:
+        if self._settings.secret:
+            return self._settings.secret
+        generated = Path(self._settings.state_dir) / "secret"  # the one `cdc-dashboard run` made
+        if generated.exists():
+            return generated.read_text().strip() or None
+        return None
+
+    async def _end_to_end(self) -> Outcome:
+        secret = self._secret()
+        if not secret:
+            raise _Failed(
+                "no CDC_SECRET: the probe signs its stream token with the gateway's secret",
+                "run doctor with the gateway's environment (CDC_SECRET set as in the gateway's EnvironmentFile)",
+            )
+        conn = self._conn
+        deadline = time.monotonic() + PROBE_LOCK_WAIT
+        while not await conn.fetchval(self._q["probe_lock"]):
+            if time.monotonic() > deadline:
+                raise _Failed(
+                    f"another doctor's probe has held the probe lock for {PROBE_LOCK_WAIT:.0f} s",
+                    "wait for the other doctor to finish, then run doctor again",
+                )
+            await asyncio.sleep(0.2)
+        try:
+            await conn.fetchrow(self._q["probe_cleanup"], PROBE_BUSINESS_ID)
+            await conn.execute(self._q["probe_business"], PROBE_BUSINESS_ID)
+            position = int(await conn.fetchval(self._q["probe_position"]))
+            try:
+                return await self._probe(secret, position)
+            finally:
+                # Never leave anything behind: unconsumed changes (a timed-out probe), events, the business.
+                await conn.execute(self._q["probe_withdraw"], position, PROBE_BUSINESS_ID)
+                await conn.fetchrow(self._q["probe_cleanup"], PROBE_BUSINESS_ID)
+        finally:
+            with contextlib.suppress(Exception):
+                await conn.fetchval(self._q["probe_unlock"])
+
+    async def _probe(self, secret: str, position: int) -> Outcome:
+        conn = self._conn
+        token = create_token(secret, [PROBE_BUSINESS_ID], 120)
+        row_id = str(uuid.uuid4())
+        stream_url = f"{self._gateway}/v1/businesses/{PROBE_BUSINESS_ID}/events"
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=HTTP_TIMEOUT)
+        woken = asyncio.Event()
+        notified: list[float] = []
+
+        def on_event_notify(*_: object) -> None:
+            # The same NOTIFY the gateways wait for: its arrival times the event's commit.
+            notified.append(time.perf_counter())
+            woken.set()
+
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            opened = time.perf_counter()
+            try:
+                async with asyncio.timeout(HTTP_TIMEOUT):
+                    response = await session.get(
+                        stream_url, headers={"Authorization": f"Bearer {token}", "Accept": "text/event-stream"}
+                    )
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                raise _Failed(
+                    f"cannot open the probe's event stream at {stream_url}: {exc}", "see the gateway check"
+                ) from None
+            async with response:
+                if response.status == 401:
+                    raise _Failed(
+                        f"the gateway refused the probe's token ({(await response.text()).strip()[:200]})",
+                        "give doctor the gateway's CDC_SECRET (the same EnvironmentFile)",
+                    )
+                if response.status != 200:
+                    raise _Failed(
+                        f"the event stream answered {response.status}: {(await response.text()).strip()[:200]}",
+                        "read GET /v1/status with an admin token (cdc-dashboard token --admin)",
+                    )
+                hops: dict[str, float] = {"stream_open_ms": (time.perf_counter() - opened) * 1000}
+                arrival = asyncio.create_task(_arrival(response, row_id))
+                await conn.add_listener("dashboard_events_v1", on_event_notify)
+                try:
+                    return await self._write_and_follow(position, row_id, arrival, woken, notified, hops)
+                finally:
+                    arrival.cancel()
+                    with contextlib.suppress(BaseException):
+                        await arrival
+                    await conn.remove_listener("dashboard_events_v1", on_event_notify)
+
+    async def _write_and_follow(
+        self,
+        position: int,
+        row_id: str,
+        arrival: asyncio.Task[float | None],
+        woken: asyncio.Event,
+        notified: list[float],
+        hops: dict[str, float],
+    ) -> Outcome:
+        conn, q = self._conn, self._q
+        details: dict[str, Any] = {"business_id": PROBE_BUSINESS_ID, "table": PROBE_TABLE, "row_id": row_id}
+        # Hop 1, capture: the writer's transaction, trigger included, until its commit returns.
+        started = time.perf_counter()
+        async with conn.transaction():
+            await conn.execute(q["probe_insert"], row_id, PROBE_BUSINESS_ID)
+            await conn.execute(q["probe_delete"], row_id)
+            captured = await conn.fetchval(q["probe_captured"], position, row_id)
+        committed = time.perf_counter()
+        hops["capture_ms"] = (committed - started) * 1000
+        details["hops"] = hops
+        if captured < 2:
+            raise _Failed(
+                f"the capture trigger recorded {captured} of the probe's 2 changes on {PROBE_TABLE}",
+                "see capture_triggers; then: " + _DB_APPLY,
+                details,
+            )
+        # Hop 2, listener: from the commit until the event is committed (the gateways' NOTIFY wakes us).
+        event_id = None
+        appended: float | None = None
+        while appended is None:
+            woken.clear()
+            event_id = await conn.fetchval(q["probe_event"], PROBE_BUSINESS_ID, row_id)
+            if event_id is not None:
+                # Found right after a NOTIFY: that NOTIFY was the commit (or a later one, a bound either way).
+                appended = notified[-1] if notified and notified[-1] > committed else time.perf_counter()
+                break
+            if arrival.done() and arrival.result() is not None:
+                appended = arrival.result()
+                break
+            remaining = committed + PROBE_LISTENER_TIMEOUT - time.perf_counter()
+            if remaining <= 0:
+                pending = await conn.fetchval(q["probe_pending"], position, PROBE_BUSINESS_ID)
+                if pending:
+                    raise _Failed(
+                        f"the listener did not consume the probe's changes within {PROBE_LISTENER_TIMEOUT:.0f} s",
+                        _LISTENER_FIX,
+                        details,
+                    )
+                raise _Failed(
+                    "the listener consumed the probe's changes but appended no event for them",
+                    "inspect dashboard.dead_letters and the listener's log (journalctl -u cdc-dashboard-listener)",
+                    details,
+                )
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(min(0.25, remaining)):
+                    await woken.wait()
+        details["event_id"] = event_id
+        # Hop 3, gateway -> client: from the committed event until it arrives on the SSE stream.
+        try:
+            async with asyncio.timeout(PROBE_GATEWAY_TIMEOUT):
+                arrived = await asyncio.shield(arrival)
+        except TimeoutError:
+            arrived = None
+        if arrived is None:
+            raise _Failed(
+                f"event {event_id} was committed but did not arrive on the gateway's stream within "
+                f"{PROBE_GATEWAY_TIMEOUT:.0f} s",
+                "the gateway's LISTEN is not delivering: read gateway in GET /v1/status (admin token), check that "
+                "no proxy buffers text/event-stream, then restart the gateway",
+                details,
+            )
+        assert appended is not None
+        appended = min(appended, arrived)
+        hops["listener_ms"] = (appended - committed) * 1000
+        hops["gateway_ms"] = (arrived - appended) * 1000
+        hops["total_ms"] = (arrived - started) * 1000
+        return (
+            f"probe arrived in {hops['total_ms']:.1f} ms: capture {hops['capture_ms']:.1f} -> listener "
+            f"{hops['listener_ms']:.1f} -> gateway -> client {hops['gateway_ms']:.1f} ms",
+            details,
+        )
+
+
+_ENABLED = {"D": "disabled", "R": "replica only", "O": "enabled", "A": "always"}
+
+
+async def _arrival(response: aiohttp.ClientResponse, row_id: str) -> float | None:
+    """perf_counter() when an event naming the probe's row arrives on the stream; None if the stream ends."""
+    data: list[str] = []
+    while True:
+        raw = await response.content.readline()
+        if not raw:
+            return None
+        line = raw.decode(errors="replace").rstrip("\r\n")
+        if line == "":
+            if data and _names_row("\n".join(data), row_id):
+                return time.perf_counter()
+            data = []
+        elif line.startswith("data:"):
+            data.append(line[5:].removeprefix(" "))
+
+
+def _names_row(data: str, row_id: str) -> bool:
+    try:
+        payload = json.loads(data)
+    except ValueError:
+        return False
+    changes = payload.get("changes") if isinstance(payload, dict) else None
+    return isinstance(changes, list) and any(isinstance(c, dict) and c.get("id") == row_id for c in changes)
+
+
+async def diagnose(settings: Settings, database_url: str | None, gateway_url: str | None = None) -> Report:
+    """Run every check; never raises for what it finds."""
+    gateway = gateway_url or default_gateway_url(settings)
+    started = time.perf_counter()
+    checks = await _Doctor(settings, database_url, gateway).run()
+    return Report(
+        describe_url(database_url) if database_url else None, gateway, checks, (time.perf_counter() - started) * 1000
+    )
+
+
+def run_doctor(settings: Settings, *, gateway_url: str | None, as_json: bool, out: TextIO = sys.stdout) -> int:
+    """`cdc-dashboard doctor`: print the report; exit 0 only when every check passed."""
+    report = asyncio.run(diagnose(settings, settings.database_url, gateway_url))
+    if as_json:
+        out.write(json.dumps(report.as_json(), indent=2) + "\n")
+    else:
+        out.write(report.as_table() + "\n")
+    return 0 if report.ok else 1
