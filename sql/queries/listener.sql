@@ -4,6 +4,10 @@
 -- Held for the life of the leader's dedicated connection; a standby retries it every second.
 select pg_try_advisory_lock(4242000004)
 
+-- end_sessions --
+select count(pg_terminate_backend(pid)) from pg_stat_activity
+ where pid = any($1::int[]) and application_name like 'cdc-dashboard listener%'
+
 -- consume_changes --
 -- The change log is a queue: consuming deletes, in the same transaction that appends the events. A writer
 -- that commits late still has its rows here; nothing can be skipped by a cursor moving past it.

@@ -79,7 +79,7 @@ async def connect(url: str, *, application_name: str, timeout: float = 10.0) -> 
     conn: asyncpg.Connection = await asyncpg.connect(
         url,
         timeout=timeout,
-        command_timeout=30,
+        command_timeout=10,  # a statement that hangs longer means a dead connection: reconnect
         server_settings={
             "application_name": application_name,
             "tcp_keepalives_idle": "5",
@@ -117,6 +117,7 @@ class EnhancedRealtimeManager:
         self._changes_consumed = 0
         self._last_prune = 0.0
         self._lock_conn: asyncpg.Connection | None = None
+        self._previous_pids: list[int] = []  # server pids of our last session, reaped on reconnect
         self._conn: asyncpg.Connection | None = None
 
     # -- public -------------------------------------------------------------------------------------------
@@ -152,7 +153,7 @@ class EnhancedRealtimeManager:
                     extra={"error": self._last_error, "retry_in": round(delay, 3), "attempt": backoff.attempts},
                 )
                 self._notifier.status(f"reconnecting: {self._last_error}")
-                await self._close()
+                await self._close(graceful=False)
                 await self._interruptible_sleep(delay)
             finally:
                 if self._stopping.is_set():
@@ -164,10 +165,12 @@ class EnhancedRealtimeManager:
     async def _session(self) -> None:
         self._state = "connecting"
         self._lock_conn = await connect(self._url, application_name="cdc-dashboard listener (leader lock)")
+        await self._reap_previous_sessions(self._lock_conn)
         await self._wait_for_leadership(self._lock_conn)
         if self._stopping.is_set():
             return
         conn = self._conn = await connect(self._url, application_name="cdc-dashboard listener")
+        self._previous_pids = [self._lock_conn.get_server_pid(), conn.get_server_pid()]
         await conn.add_listener(WAKE_CHANNEL, self._on_wake)
         if self._reconnects:
             await conn.execute(self._q["record_error"], self._last_error)
@@ -181,6 +184,22 @@ class EnhancedRealtimeManager:
         else:
             self._notifier.status("live")
         await self._live(conn)
+
+    async def _reap_previous_sessions(self, conn: asyncpg.Connection) -> None:
+        """End our own previous sessions if the server still thinks they are alive.
+
+        When a connection dies silently (a frozen network path, a proxy that keeps the server side open), the
+        server keeps the old session - with the leadership lock, maybe row locks and the events lock of a
+        half-done batch - until its keepalive gives up. The new session would wait for it as if it were
+        another listener. It is ours: end it now. Best effort: without the privilege, keepalives still win.
+        """
+        if not self._previous_pids:
+            return
+        try:
+            await conn.fetchval(self._q["end_sessions"], self._previous_pids, timeout=self.probe_timeout)
+        except asyncpg.PostgresError as exc:
+            log.warning("could not end the previous listener sessions", extra={"error": str(exc)})
+        self._previous_pids = []
 
     async def _wait_for_leadership(self, lock_conn: asyncpg.Connection) -> None:
         announced = False
@@ -248,7 +267,7 @@ class EnhancedRealtimeManager:
     async def _consume(self, conn: asyncpg.Connection) -> int:
         """Consume up to batch_size changes in one transaction; return how many."""
         async with conn.transaction():
-            records = await conn.fetch(self._q["consume_changes"], self.batch_size, timeout=30)
+            records = await conn.fetch(self._q["consume_changes"], self.batch_size)
             if not records:
                 return 0
             plan = plan_batch([Change.from_record(r) for r in records])
@@ -321,13 +340,19 @@ class EnhancedRealtimeManager:
         self._state = "stopped"
         log.info("listener stopped", extra={"node": self.node})
 
-    async def _close(self) -> None:
+    async def _close(self, *, graceful: bool = True) -> None:
+        """Close both connections. After a failure they are presumed dead: abort them rather than wait for a
+        goodbye that a frozen network path would never deliver."""
         for conn in (self._conn, self._lock_conn):
-            if conn is not None and not conn.is_closed():
-                try:
-                    await asyncio.wait_for(conn.close(), timeout=2)
-                except (*CONNECTION_ERRORS, asyncpg.PostgresError):
-                    conn.terminate()
+            if conn is None or conn.is_closed():
+                continue
+            if not graceful:
+                conn.terminate()
+                continue
+            try:
+                await asyncio.wait_for(conn.close(), timeout=2)
+            except (*CONNECTION_ERRORS, asyncpg.PostgresError):
+                conn.terminate()
         self._conn = self._lock_conn = None
 
     # -- waiting ------------------------------------------------------------------------------------------
