@@ -192,3 +192,20 @@ async def test_catches_up_what_was_written_while_stopped(db_url: str, rounds: in
         async with running_listener(db_url):
             # ready is set only after catch-up: everything written while stopped is already an event.
             assert set(offline) <= set(payment_ids_in_events(db_url))
+
+
+async def test_old_events_are_pruned_in_batches_and_marked(db_url: str) -> None:
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        b = new_business(conn)
+        conn.execute(
+            "select dashboard.append_events_v1(array_fill(%s::text, array[25]), array_fill('invalidate'::text,"
+            " array[25]), array_fill('{}'::jsonb, array[25]))",
+            (b,),
+        )
+        conn.execute("update dashboard.events set created_at = now() - interval '8 days' where id <= 20")
+        async with running_listener(db_url, prune_every=0.0, prune_batch=7):
+            await wait_for(
+                lambda: conn.execute("select pruned_through from dashboard.listener_state").fetchone() == (20,)
+            )
+        remaining = conn.execute("select min(id), count(*) from dashboard.events").fetchone()
+        assert remaining == (21, 5)
