@@ -22,11 +22,11 @@ select p.id::text, p.amount_minor, p.currency, p.method, c.name as client_name, 
   from payments p left join clients c on c.id = p.client_id
  where p.id = any($1::uuid[]) and p.status = 'completed'
 
--- rebuild_aggregates --
-select dashboard.rebuild_aggregates_v1($1::uuid[])
+-- apply_changes --
+select dashboard.apply_changes_v2($1::text[], $2::text[])
 
--- all_business_ids --
-select array_agg(id) from businesses
+-- rebuild_all_aggregates --
+select count(*) from dashboard.rebuild_aggregates_v2(array(select id from businesses))
 
 -- append_events --
 select dashboard.append_events_v1($1::text[], $2::text[], $3::jsonb[])

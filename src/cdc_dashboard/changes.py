@@ -7,7 +7,6 @@ details for toasts), and appends the events - all in one transaction.
 from __future__ import annotations
 
 import json
-import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -80,18 +79,10 @@ class BatchPlan:
     businesses: dict[str, BusinessChanges] = field(default_factory=dict)  # in order of first change
     resync_tables: list[str] = field(default_factory=list)  # TRUNCATEd tables: every dashboard resyncs
     dead_letters: list[tuple[Change, str]] = field(default_factory=list)
+    changed_tables: list[str] = field(default_factory=list)  # with changed_rows: every usable row change,
+    changed_rows: list[str | None] = field(default_factory=list)  # for the aggregates (apply_changes_v2)
     last_change_id: int = 0
     last_captured_at: datetime | None = None
-
-    def aggregate_business_ids(self) -> list[uuid.UUID]:
-        """Businesses whose figures this batch may have changed (keys that are UUIDs: our schema's)."""
-        out = []
-        for key in self.businesses:
-            try:
-                out.append(uuid.UUID(key))
-            except ValueError:
-                continue
-        return out
 
     def toast_ids(self) -> list[str]:
         return [i for b in self.businesses.values() for i in b.toast_ids]
@@ -152,6 +143,8 @@ def plan_batch(changes: list[Change]) -> BatchPlan:
             plan.resync_tables.append(change.table_name)
             continue
         assert change.business_id is not None
+        plan.changed_tables.append(change.table_name)
+        plan.changed_rows.append(change.row_id)
         entry = plan.businesses.setdefault(change.business_id, BusinessChanges(change.business_id))
         entry.changes.append({"table": short_table_name(change.table_name), "op": change.op, "id": change.row_id})
         if change.became_completed_payment() and change.row_id not in entry.toast_ids:

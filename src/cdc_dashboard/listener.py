@@ -272,7 +272,7 @@ class EnhancedRealtimeManager:
                 return 0
             plan = plan_batch([Change.from_record(r) for r in records])
             toasts = await self._toasts(conn, plan)
-            await self._rebuild_aggregates(conn, plan)
+            await self._update_aggregates(conn, plan)
             for change, reason in plan.dead_letters:
                 await conn.execute(self._q["dead_letter"], json.dumps(change.as_json()), reason)
                 log.error("change set aside in dead_letters", extra={"change_id": change.id, "reason": reason})
@@ -301,13 +301,13 @@ class EnhancedRealtimeManager:
             for r in rows
         }
 
-    async def _rebuild_aggregates(self, conn: asyncpg.Connection, plan: BatchPlan) -> None:
+    async def _update_aggregates(self, conn: asyncpg.Connection, plan: BatchPlan) -> None:
+        """Bring the rollups up to date with this batch, inside its transaction (docs/ARCHITECTURE.md,
+        "Aggregates"): each changed row moves them by its exact delta; a TRUNCATE rebuilds every business."""
         if plan.resync_tables:
-            ids = await conn.fetchval(self._q["all_business_ids"]) or []
-        else:
-            ids = plan.aggregate_business_ids()
-        if ids:
-            await conn.execute(self._q["rebuild_aggregates"], ids)
+            await conn.execute(self._q["rebuild_all_aggregates"])
+        elif plan.changed_rows:
+            await conn.execute(self._q["apply_changes"], plan.changed_tables, plan.changed_rows)
 
     # -- housekeeping -------------------------------------------------------------------------------------
 
