@@ -347,10 +347,20 @@ function chartBuckets(range) {
   });
 }
 
+/** The axis top: the largest value rounded up to 1, 2, 2.5 or 5 times a power of ten (in major units). */
+function niceCeiling(minor) {
+  if (minor <= 0) return 0;
+  const major = minor / 100;
+  const power = 10 ** Math.floor(Math.log10(major));
+  const step = [1, 2, 2.5, 5, 10].find((f) => f * power >= major);
+  return step * power * 100;
+}
+
 function compact(minor) {
   const major = minor / 100;
-  if (major >= 1e6) return `${(major / 1e6).toFixed(major >= 1e7 ? 0 : 1)}M`;
-  if (major >= 1e3) return `${(major / 1e3).toFixed(major >= 1e4 ? 0 : 1)}k`;
+  const short = (value, suffix) => `${Number(value.toFixed(1))}${suffix}`; // 12.5k, 25k, 1.2M
+  if (major >= 1e6) return short(major / 1e6, "M");
+  if (major >= 1e3) return short(major / 1e3, "k");
   return String(Math.round(major));
 }
 
@@ -370,7 +380,7 @@ function renderChart() {
   const points = data[state.chartCurrency] ?? new Map();
   const buckets = chartBuckets(state.chartRange);
   const values = buckets.map((b) => points.get(b.key) ?? 0);
-  const max = Math.max(...values, 0);
+  const max = niceCeiling(Math.max(...values, 0));
 
   // Drawn at the container's real width (redrawn on resize) so text is never stretched on a narrow phone.
   const W = Math.max(280, Math.round(container.clientWidth || 640));
