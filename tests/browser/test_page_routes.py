@@ -66,6 +66,12 @@ async def test_a_bad_token_gets_an_error_page_not_the_dashboard(
     assert token is None or token not in response.text
 
 
+async def test_an_address_that_names_no_business_is_a_400_page(client: httpx.AsyncClient) -> None:
+    response = await client.get("/dashboard/not-a-uuid", params={"access_token": create_token(SECRET, [BUSINESS], 60)})
+    assert response.status_code == 400
+    assert response.headers["content-type"].startswith("text/html")
+
+
 async def test_static_files_are_served_with_their_types(client: httpx.AsyncClient) -> None:
     realtime = await client.get("/static/realtime.js")
     assert realtime.status_code == 200

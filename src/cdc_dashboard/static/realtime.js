@@ -48,6 +48,8 @@ const DEFAULTS = Object.freeze({
   pollAfterMs: 3000,
   minBackoffMs: 500,
   maxBackoffMs: 15000,
+  // A tab hidden longer than this reconnects when shown again (see onVisible).
+  resumeAfterHiddenMs: 30000,
   // Toast de-duplication memory (payment ids). Replays after a reconnect must not toast twice.
   toastMemory: 500,
 });
@@ -73,6 +75,7 @@ const DEFAULTS = Object.freeze({
  * @param {number} [options.pollIntervalMs] polling period while the stream is down (15000).
  * @param {number} [options.coalesceMs] burst window (75).
  * @param {number} [options.pollAfterMs] time to stay "reconnecting" before polling (3000).
+ * @param {number} [options.resumeAfterHiddenMs] a tab hidden longer reconnects when shown (30000).
  * @param {typeof EventSource} [options.EventSource] an EventSource implementation (polyfills, tests).
  * @returns {{ close(): void, setToken(token: string | (() => string | Promise<string>)): void,
  *   reconnect(): void, invalidateAll(): Promise<unknown>, readonly status: string,
@@ -299,8 +302,19 @@ export function connectDashboard(options) {
   function retryNow() {
     if (!closed && status !== Status.LIVE) connect();
   }
+  // After a phone slept, its stream may be a dead TCP connection the browser still calls open (EventSource
+  // does not expose the gateway's heartbeats, so we cannot tell). Reconnecting costs one request and loses
+  // nothing (resume by id), so a tab that was hidden for a while always does.
+  let hiddenAt = null;
   function onVisible() {
-    if (globalThis.document?.visibilityState === "visible") retryNow();
+    if (globalThis.document?.visibilityState !== "visible") {
+      hiddenAt = Date.now();
+      return;
+    }
+    const away = hiddenAt === null ? 0 : Date.now() - hiddenAt;
+    hiddenAt = null;
+    if (!closed && away > opts.resumeAfterHiddenMs) connect();
+    else retryNow();
   }
   globalThis.addEventListener?.("online", retryNow);
   globalThis.document?.addEventListener?.("visibilitychange", onVisible);
