@@ -29,6 +29,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from ..config import Settings
+from ..systemd import Notifier
 from . import figures, ops, page, streams, webhooks
 from .hub import Hub
 from .metrics import GatewayMetrics
@@ -121,7 +122,9 @@ def create_app(settings: Settings, database_url: str, *, with_listener: bool = F
 def _start_listener(app: Starlette, database_url: str, settings: Settings) -> asyncio.Task[None]:
     from ..listener import EnhancedRealtimeManager
 
-    listener = EnhancedRealtimeManager(database_url, settings)
+    # The gateway speaks sd_notify for the whole process (READY once it accepts connections); the listener's
+    # own READY would come before the socket is bound.
+    listener = EnhancedRealtimeManager(database_url, settings, notifier=_MutedNotifier())
     app.state.listener = listener
     task = asyncio.create_task(listener.run(), name="listener")
 
@@ -140,6 +143,11 @@ def _start_listener(app: Starlette, database_url: str, settings: Settings) -> as
     return task
 
 
+class _MutedNotifier(Notifier):
+    def notify(self, message: str) -> None:
+        return None
+
+
 class _QuietCutFilter(logging.Filter):
     """A stream the gateway cuts on purpose (slow client) leaves its response unfinished; the gateway logs
     that itself, so uvicorn's generic error line for it is noise."""
@@ -149,26 +157,37 @@ class _QuietCutFilter(logging.Filter):
 
 
 class _GatewayServer(uvicorn.Server):
-    """uvicorn, plus: the first SIGTERM/SIGINT drains the streams before uvicorn's own shutdown begins."""
+    """uvicorn, plus: the first SIGTERM/SIGINT drains the streams before uvicorn's own shutdown begins; and
+    sd_notify for systemd's Type=notify: READY once listening (the hub's LISTEN is up by then: the lifespan
+    waits for it), WATCHDOG from uvicorn's main loop, STOPPING on SIGTERM."""
 
     def __init__(self, config: uvicorn.Config, app: Starlette, on_ready: Callable[[], None] | None) -> None:
         super().__init__(config)
         self._app = app
         self._on_ready = on_ready
+        self._notifier = Notifier()
         self._announce: asyncio.Task[None] | None = None
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
-        if self.started and self._on_ready is not None:
+        if self.started:
             self._announce = asyncio.create_task(self._announce_ready(self._on_ready))
 
-    async def _announce_ready(self, on_ready: Callable[[], None]) -> None:
+    async def _announce_ready(self, on_ready: Callable[[], None] | None) -> None:
         listener = getattr(self._app.state, "listener", None)
         if listener is not None:
             await listener.ready.wait()
-        on_ready()
+        self._notifier.ready("serving")
+        if on_ready is not None:
+            on_ready()
+
+    async def on_tick(self, counter: int) -> bool:
+        # Ticks every 0.1 s while the event loop runs; a hung loop stops them and systemd restarts us.
+        self._notifier.watchdog()
+        return await super().on_tick(counter)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        self._notifier.stopping()
         hub: Hub | None = getattr(self._app.state, "hub", None)
         if hub is not None:
             with contextlib.suppress(RuntimeError):
