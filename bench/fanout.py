@@ -10,6 +10,9 @@ the connections open. Then `--broadcasts` events are appended `--interval` secon
 `dashboard.append_events_v1` (what the listener does), each carrying its wall-clock append time; every client
 notes when each event arrived. Latency = arrival - append (same host, same clock), over all connections.
 
+The gateway's CPU time per broadcast (from /proc, idle heartbeat time subtracted) is reported too: unlike the
+latency it does not depend on what else the machine is doing.
+
 Caveat: on a small machine the gateway, PostgreSQL and the clients share the cores; the clients' time to read
 N frames is part of the measured latency, so it is an upper bound on what the gateway itself adds.
 """
@@ -52,6 +55,12 @@ def _rss_kib(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     raise RuntimeError("no VmRSS")
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time the process has used."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _raise_fd_limit() -> None:
@@ -201,6 +210,11 @@ def main() -> int:
         time.sleep(2)  # let the gateway settle (allocator, GC)
         rss_after = _rss_kib(gateway.pid)
 
+        # The gateway's CPU while idle (heartbeats only), to subtract from the broadcasts' share.
+        idle_start = _cpu_seconds(gateway.pid)
+        time.sleep(args.interval)
+        idle_cpu = _cpu_seconds(gateway.pid) - idle_start
+        cpu_start = _cpu_seconds(gateway.pid)
         with psycopg.connect(db, autocommit=True) as conn:
             for seq in range(args.broadcasts):
                 payload = json.dumps({"business_id": business, "seq": seq, "sent_at": time.time(), "query_keys": []})
@@ -209,6 +223,7 @@ def main() -> int:
                     (business, payload),
                 )
                 time.sleep(args.interval)
+        broadcast_cpu = (_cpu_seconds(gateway.pid) - cpu_start - idle_cpu * args.broadcasts) / args.broadcasts
         arrivals: list[tuple[int, float]] = []
         for client, out in zip(clients, outs, strict=True):
             client.wait(300)
@@ -225,6 +240,8 @@ def main() -> int:
             "gateway_rss_after_mib": round(rss_after / 1024, 1),
             "rss_per_connection_kib": round((rss_after - rss_before) / max(1, connected), 1),
             "broadcasts": args.broadcasts,
+            "gateway_cpu_ms_per_broadcast": round(1000 * broadcast_cpu, 1),
+            "gateway_cpu_us_per_delivery": round(1e6 * broadcast_cpu / max(1, connected), 1),
             "deliveries": f"{len(latencies)}/{expected}",
             "latency_p50_ms": round(1000 * statistics.median(latencies), 1) if latencies else None,
             "latency_p99_ms": round(1000 * _percentile(latencies, 0.99), 1) if latencies else None,
