@@ -36,3 +36,7 @@ from dashboard.listener_state
 
 -- ping --
 select 1
+
+-- schema_present --
+-- `serve` refuses to start on a database without the events log (forgot `db apply`).
+select to_regclass('dashboard.events') is not null and to_regprocedure('dashboard.append_events_v1(text[],text[],jsonb[])') is not null

@@ -46,6 +46,21 @@ def test_serve_refuses_to_start_without_a_secret(db_url: str, tmp_path: Path) ->
     assert len(lines) == 1 and "CDC_SECRET" in lines[0]
 
 
+def test_serve_refuses_a_database_without_schema_or_unreachable(empty_db_url: str, tmp_path: Path) -> None:
+    for url, reason in ((empty_db_url, "cdc-dashboard db apply"), ("postgresql://nobody@127.0.0.1:1/none", "connect")):
+        result = subprocess.run(
+            [CLI, "serve"],
+            env=_env(CDC_DATABASE_URL=url, CDC_SECRET=SECRET, CDC_HTTP_PORT=str(free_port())),
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert result.returncode == 2
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and reason in lines[0], result.stderr
+
+
 def test_token_command_prints_a_token_for_the_businesses(tmp_path: Path) -> None:
     b = str(uuid.uuid4())
     result = subprocess.run(

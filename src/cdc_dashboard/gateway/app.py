@@ -29,6 +29,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from ..config import Settings
+from ..db import connect_sync, describe_url
+from ..errors import UserError
+from ..sqlfiles import queries
 from ..systemd import Notifier
 from . import figures, ops, page, streams, webhooks
 from .hub import Hub
@@ -195,6 +198,14 @@ class _GatewayServer(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
+def _preflight(database_url: str) -> None:
+    """Fail fast with one line, rather than a lifespan traceback, on the two usual deployment mistakes."""
+    with connect_sync(database_url) as conn:
+        row = conn.execute(queries("gateway")["schema_present"]).fetchone()
+    if row is None or not row[0]:
+        raise UserError(f"{describe_url(database_url)} has no cdc-dashboard schema: run `cdc-dashboard db apply`")
+
+
 def serve(
     settings: Settings,
     database_url: str,
@@ -206,7 +217,9 @@ def serve(
     """Run the gateway until SIGTERM/SIGINT; the exit code is non-zero when the in-process listener died.
 
     `on_ready` is called once the gateway accepts connections (and the in-process listener is ready).
+    Raises UserError (one line for the operator) when the database is unreachable or has no schema.
     """
+    _preflight(database_url)
     app = create_app(settings, database_url, with_listener=with_listener)
     config = uvicorn.Config(
         app,
