@@ -40,3 +40,11 @@ select 1
 -- schema_present --
 -- `serve` refuses to start on a database without the events log (forgot `db apply`).
 select to_regclass('dashboard.events') is not null and to_regprocedure('dashboard.append_events_v1(text[],text[],jsonb[])') is not null
+
+-- listener_lag --
+-- For /metrics: the changes captured but not yet turned into events (the change log is a queue), the age of
+-- the oldest of them, and the listener's heartbeat age.
+select (select count(*) from cdc.change_log)::bigint as backlog,
+       coalesce(extract(epoch from now() - (select min(captured_at) from cdc.change_log)), 0)::float8 as lag_seconds,
+       extract(epoch from now() - s.heartbeat_at)::float8 as heartbeat_age_seconds
+from dashboard.listener_state s

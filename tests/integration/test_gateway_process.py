@@ -174,6 +174,8 @@ async def test_health_readiness_metrics_and_errors(db_url: str) -> None:
             "cdc_gateway_events_sent_total 1.0",
             "cdc_gateway_slow_clients_dropped_total 0.0",
             "cdc_gateway_event_lag_seconds",
+            "cdc_listener_backlog 0.0",
+            "cdc_listener_lag_seconds 0.0",
             "process_resident_memory_bytes",
         ):
             assert name in text

@@ -41,6 +41,21 @@ class GatewayMetrics:
             "listener lag: from the event's append to its dispatch by this gateway, for the latest event",
             registry=self.registry,
         )
+        self.listener_backlog = Gauge(
+            "cdc_listener_backlog",
+            "captured changes not yet turned into events (read at scrape)",
+            registry=self.registry,
+        )
+        self.listener_lag = Gauge(
+            "cdc_listener_lag_seconds",
+            "age of the oldest captured change not yet turned into an event, 0 when none (read at scrape)",
+            registry=self.registry,
+        )
+        self.listener_heartbeat_age = Gauge(
+            "cdc_listener_heartbeat_age_seconds",
+            "time since the listener's last heartbeat (read at scrape)",
+            registry=self.registry,
+        )
         self.position = Gauge(
             "cdc_gateway_position", "id of the last event this gateway dispatched", registry=self.registry
         )

@@ -54,6 +54,16 @@ async def readyz(request: Request) -> Response:
 async def metrics(request: Request) -> Response:
     gateway_metrics: GatewayMetrics = request.app.state.metrics
     gateway_metrics.open_streams.set(request.app.state.hub.subscriber_count)
+    try:
+        async with asyncio.timeout(_PROBE_TIMEOUT), request.app.state.pool.acquire() as conn:
+            row = await conn.fetchrow(queries("gateway")["listener_lag"])
+    except Exception:
+        row = None  # the database is unreachable: /readyz says so; the gauges keep their last values
+    if row is not None:
+        gateway_metrics.listener_backlog.set(row["backlog"])
+        gateway_metrics.listener_lag.set(row["lag_seconds"])
+        if row["heartbeat_age_seconds"] is not None:
+            gateway_metrics.listener_heartbeat_age.set(row["heartbeat_age_seconds"])
     return Response(generate_latest(gateway_metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
