@@ -3,14 +3,9 @@
 Each check passes or fails on its own, is timed, and on failure names its fix. A check whose precondition
 failed is skipped (with the reason) rather than failing again for the same cause. The last check is an
 end-to-end probe through the real path: a write on a tracked table, its capture, the listener's event and the
-gateway's stream, each hop timed.
+gateway's stream, each hop timed (probe.py; it never shows in any business's figures).
 
-The probe (docs/OPERATIONS.md, "The end-to-end probe") writes for a business of its own (`PROBE_BUSINESS_ID`),
-created for the probe and deleted after it: one transaction inserts and deletes a `payment_transactions` row
-(a failed attempt of amount 0; no figure reads payment_transactions), so the row never exists outside that
-transaction, while the capture trigger records both changes. The listener turns them into an event for the
-probe business only, which no dashboard but the probe's own stream can see. Afterwards the probe deletes its
-events and its business; a probe that timed out also takes its unconsumed changes back out of the log.
+Thresholds and fixes: docs/OPERATIONS.md, "doctor".
 """
 
 from __future__ import annotations
@@ -33,16 +28,11 @@ import asyncpg
 
 from .config import Settings
 from .db import describe_url
-from .gateway.auth import create_token
 from .migrations import CAPTURE_VERSION, DEFAULT_TRACKED, schema_files, status
+from .probe import PROBE_BUSINESS_ID, EndToEndProbe, ProbeFailed
 from .sqlfiles import queries, sql_dir
 
 __all__ = ["PROBE_BUSINESS_ID", "CheckResult", "Report", "diagnose", "run_doctor"]
-
-# The probe's business: a fixed, recognisable id, so a leftover (a doctor killed mid-probe) is found and
-# removed by the next run, and an operator who sees it knows what it is.
-PROBE_BUSINESS_ID = "00000000-0000-4000-8000-00000000d0c7"
-PROBE_TABLE = "public.payment_transactions"
 
 # The live listener beats every ~4 s when quiet (listener.py, probe_interval), and at every batch when busy.
 HEARTBEAT_STALE_SECONDS = 15.0
@@ -53,9 +43,6 @@ NOTIFY_QUEUE_LIMIT = 0.5
 CONNECT_TIMEOUT = 5.0
 QUERY_TIMEOUT = 10.0
 HTTP_TIMEOUT = 5.0
-PROBE_LOCK_WAIT = 15.0
-PROBE_LISTENER_TIMEOUT = 10.0
-PROBE_GATEWAY_TIMEOUT = 5.0
 
 Status = Literal["pass", "fail", "skip"]
 
@@ -548,185 +535,13 @@ class _Doctor:
                 "no CDC_SECRET: the probe signs its stream token with the gateway's secret",
                 "run doctor with the gateway's environment (CDC_SECRET set as in the gateway's EnvironmentFile)",
             )
-        conn = self._conn
-        deadline = time.monotonic() + PROBE_LOCK_WAIT
-        while not await conn.fetchval(self._q["probe_lock"]):
-            if time.monotonic() > deadline:
-                raise _Failed(
-                    f"another doctor's probe has held the probe lock for {PROBE_LOCK_WAIT:.0f} s",
-                    "wait for the other doctor to finish, then run doctor again",
-                )
-            await asyncio.sleep(0.2)
         try:
-            await conn.fetchrow(self._q["probe_cleanup"], PROBE_BUSINESS_ID)
-            await conn.execute(self._q["probe_business"], PROBE_BUSINESS_ID)
-            position = int(await conn.fetchval(self._q["probe_position"]))
-            try:
-                return await self._probe(secret, position)
-            finally:
-                # Never leave anything behind: unconsumed changes (a timed-out probe), events, the business.
-                await conn.execute(self._q["probe_withdraw"], position, PROBE_BUSINESS_ID)
-                await conn.fetchrow(self._q["probe_cleanup"], PROBE_BUSINESS_ID)
-        finally:
-            with contextlib.suppress(Exception):
-                await conn.fetchval(self._q["probe_unlock"])
-
-    async def _probe(self, secret: str, position: int) -> Outcome:
-        conn = self._conn
-        token = create_token(secret, [PROBE_BUSINESS_ID], 120)
-        row_id = str(uuid.uuid4())
-        stream_url = f"{self._gateway}/v1/businesses/{PROBE_BUSINESS_ID}/events"
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=HTTP_TIMEOUT)
-        woken = asyncio.Event()
-        notified: list[float] = []
-
-        def on_event_notify(*_: object) -> None:
-            # The same NOTIFY the gateways wait for: its arrival times the event's commit.
-            notified.append(time.perf_counter())
-            woken.set()
-
-        async with aiohttp.ClientSession(timeout=timeout) as session:
-            opened = time.perf_counter()
-            try:
-                async with asyncio.timeout(HTTP_TIMEOUT):
-                    response = await session.get(
-                        stream_url, headers={"Authorization": f"Bearer {token}", "Accept": "text/event-stream"}
-                    )
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                raise _Failed(
-                    f"cannot open the probe's event stream at {stream_url}: {exc}", "see the gateway check"
-                ) from None
-            async with response:
-                if response.status == 401:
-                    raise _Failed(
-                        f"the gateway refused the probe's token ({(await response.text()).strip()[:200]})",
-                        "give doctor the gateway's CDC_SECRET (the same EnvironmentFile)",
-                    )
-                if response.status != 200:
-                    raise _Failed(
-                        f"the event stream answered {response.status}: {(await response.text()).strip()[:200]}",
-                        "read GET /v1/status with an admin token (cdc-dashboard token --admin)",
-                    )
-                hops: dict[str, float] = {"stream_open_ms": (time.perf_counter() - opened) * 1000}
-                arrival = asyncio.create_task(_arrival(response, row_id))
-                await conn.add_listener("dashboard_events_v1", on_event_notify)
-                try:
-                    return await self._write_and_follow(position, row_id, arrival, woken, notified, hops)
-                finally:
-                    arrival.cancel()
-                    with contextlib.suppress(BaseException):
-                        await arrival
-                    await conn.remove_listener("dashboard_events_v1", on_event_notify)
-
-    async def _write_and_follow(
-        self,
-        position: int,
-        row_id: str,
-        arrival: asyncio.Task[float | None],
-        woken: asyncio.Event,
-        notified: list[float],
-        hops: dict[str, float],
-    ) -> Outcome:
-        conn, q = self._conn, self._q
-        details: dict[str, Any] = {"business_id": PROBE_BUSINESS_ID, "table": PROBE_TABLE, "row_id": row_id}
-        # Hop 1, capture: the writer's transaction, trigger included, until its commit returns.
-        started = time.perf_counter()
-        async with conn.transaction():
-            await conn.execute(q["probe_insert"], row_id, PROBE_BUSINESS_ID)
-            await conn.execute(q["probe_delete"], row_id)
-            captured = await conn.fetchval(q["probe_captured"], position, row_id)
-        committed = time.perf_counter()
-        hops["capture_ms"] = (committed - started) * 1000
-        details["hops"] = hops
-        if captured < 2:
-            raise _Failed(
-                f"the capture trigger recorded {captured} of the probe's 2 changes on {PROBE_TABLE}",
-                "see capture_triggers; then: " + _DB_APPLY,
-                details,
-            )
-        # Hop 2, listener: from the commit until the event is committed (the gateways' NOTIFY wakes us).
-        event_id = None
-        appended: float | None = None
-        while appended is None:
-            woken.clear()
-            event_id = await conn.fetchval(q["probe_event"], PROBE_BUSINESS_ID, row_id)
-            if event_id is not None:
-                # Found right after a NOTIFY: that NOTIFY was the commit (or a later one, a bound either way).
-                appended = notified[-1] if notified and notified[-1] > committed else time.perf_counter()
-                break
-            if arrival.done() and arrival.result() is not None:
-                appended = arrival.result()
-                break
-            remaining = committed + PROBE_LISTENER_TIMEOUT - time.perf_counter()
-            if remaining <= 0:
-                pending = await conn.fetchval(q["probe_pending"], position, PROBE_BUSINESS_ID)
-                if pending:
-                    raise _Failed(
-                        f"the listener did not consume the probe's changes within {PROBE_LISTENER_TIMEOUT:.0f} s",
-                        _LISTENER_FIX,
-                        details,
-                    )
-                raise _Failed(
-                    "the listener consumed the probe's changes but appended no event for them",
-                    "inspect dashboard.dead_letters and the listener's log (journalctl -u cdc-dashboard-listener)",
-                    details,
-                )
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(min(0.25, remaining)):
-                    await woken.wait()
-        details["event_id"] = event_id
-        # Hop 3, gateway -> client: from the committed event until it arrives on the SSE stream.
-        try:
-            async with asyncio.timeout(PROBE_GATEWAY_TIMEOUT):
-                arrived = await asyncio.shield(arrival)
-        except TimeoutError:
-            arrived = None
-        if arrived is None:
-            raise _Failed(
-                f"event {event_id} was committed but did not arrive on the gateway's stream within "
-                f"{PROBE_GATEWAY_TIMEOUT:.0f} s",
-                "the gateway's LISTEN is not delivering: read gateway in GET /v1/status (admin token), check that "
-                "no proxy buffers text/event-stream, then restart the gateway",
-                details,
-            )
-        assert appended is not None
-        appended = min(appended, arrived)
-        hops["listener_ms"] = (appended - committed) * 1000
-        hops["gateway_ms"] = (arrived - appended) * 1000
-        hops["total_ms"] = (arrived - started) * 1000
-        return (
-            f"probe arrived in {hops['total_ms']:.1f} ms: capture {hops['capture_ms']:.1f} -> listener "
-            f"{hops['listener_ms']:.1f} -> gateway -> client {hops['gateway_ms']:.1f} ms",
-            details,
-        )
+            return await EndToEndProbe(self._conn, self._gateway, secret).run()
+        except ProbeFailed as failed:
+            raise _Failed(failed.summary, failed.fix, failed.details) from None
 
 
 _ENABLED = {"D": "disabled", "R": "replica only", "O": "enabled", "A": "always"}
-
-
-async def _arrival(response: aiohttp.ClientResponse, row_id: str) -> float | None:
-    """perf_counter() when an event naming the probe's row arrives on the stream; None if the stream ends."""
-    data: list[str] = []
-    while True:
-        raw = await response.content.readline()
-        if not raw:
-            return None
-        line = raw.decode(errors="replace").rstrip("\r\n")
-        if line == "":
-            if data and _names_row("\n".join(data), row_id):
-                return time.perf_counter()
-            data = []
-        elif line.startswith("data:"):
-            data.append(line[5:].removeprefix(" "))
-
-
-def _names_row(data: str, row_id: str) -> bool:
-    try:
-        payload = json.loads(data)
-    except ValueError:
-        return False
-    changes = payload.get("changes") if isinstance(payload, dict) else None
-    return isinstance(changes, list) and any(isinstance(c, dict) and c.get("id") == row_id for c in changes)
 
 
 async def diagnose(settings: Settings, database_url: str | None, gateway_url: str | None = None) -> Report:

@@ -240,6 +240,23 @@ def test_a_disabled_trigger_is_named_with_the_statement_that_enables_it(healthy:
             conn.execute("alter table bookings enable trigger cdc_capture_v1")
 
 
+def test_the_probe_names_the_hop_that_failed(healthy: tuple[str, str, list[str]]) -> None:
+    db_url, gateway, _ = healthy
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute("alter table payment_transactions disable trigger cdc_capture_v1")
+        try:
+            code, checks = report(db_url, gateway)
+        finally:
+            conn.execute("alter table payment_transactions enable trigger cdc_capture_v1")
+    assert code != 0
+    probe = checks["end_to_end"]
+    assert probe["status"] == "fail"
+    assert probe["summary"] == "the capture trigger recorded 0 of the probe's 2 changes on public.payment_transactions"
+    assert "capture_triggers" in probe["fix"]
+    assert "capture_ms" in probe["details"]["hops"] and "total_ms" not in probe["details"]["hops"]
+    assert probe_traces(db_url)["businesses"] == 0
+
+
 def test_a_gateway_that_is_down_is_named_and_the_probe_skipped(healthy: tuple[str, str, list[str]]) -> None:
     db_url, _, _ = healthy
     closed = f"http://127.0.0.1:{free_port()}"
