@@ -97,12 +97,13 @@ async def test_two_gateway_processes_give_the_same_events_the_same_ids(db_url: s
 async def test_sigterm_drains_streams_with_jittered_retry_and_exits_quickly(db_url: str) -> None:
     b = str(uuid.uuid4())
     port = free_port()
+    token = token_for(b)
     with serve_subprocess(db_url, port) as served:
         url = f"http://127.0.0.1:{port}"
         async with (
-            open_stream(url, b, token_for(b)) as s1,
-            open_stream(url, b, token_for(b)) as s2,
-            open_stream(url, b, token_for(b)) as s3,
+            open_stream(url, b, token) as s1,
+            open_stream(url, b, token) as s2,
+            open_stream(url, b, None, query=f"?access_token={token}") as s3,
         ):
             [event_id] = append_events(db_url, (b, "invalidate"))
             for stream in (s1, s2, s3):
@@ -123,7 +124,7 @@ async def test_sigterm_drains_streams_with_jittered_retry_and_exits_quickly(db_u
     assert exited_after < 10, f"the process exited {exited_after:.1f} s after SIGTERM"
     assert code in (0, -signal.SIGTERM), output[-2000:]
     assert "Traceback" not in output
-    assert SECRET not in output
+    assert SECRET not in output and token not in output
 
 
 async def test_serve_with_listener_turns_a_plain_insert_into_an_event(db_url: str) -> None:
