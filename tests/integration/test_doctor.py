@@ -22,7 +22,8 @@ import psycopg
 import pytest
 
 from cdc_dashboard.db import with_database
-from cdc_dashboard.doctor import PROBE_BUSINESS_ID
+from cdc_dashboard.probe import PROBE_BUSINESS_ID
+from cdc_dashboard.sqlfiles import queries
 
 from ..pg import clone_database, drop_database
 from .gateway_support import SECRET, free_port, serve_subprocess, token_for
@@ -342,3 +343,8 @@ def test_the_probe_needs_the_gateways_secret(healthy: tuple[str, str, list[str]]
     assert probe["status"] == "fail" and "refused the probe's token" in probe["summary"]
     assert "CDC_SECRET" in probe["fix"]
     assert probe_traces(db_url)["businesses"] == 0
+
+
+def test_simulate_never_picks_the_probe_business() -> None:
+    """The probe business exists only while a probe runs; simulate must not pay it in that moment either."""
+    assert f"b.id <> '{PROBE_BUSINESS_ID}'::uuid" in queries("simulate")["businesses"]
