@@ -423,6 +423,13 @@ async def record_stk(pool: asyncpg.Pool, result: StkResult, raw: str) -> Recorde
     async def work(conn: asyncpg.Connection) -> Recorded:
         await _lock(conn, f"{MPESA}:checkout:{result.checkout_request_id}")
         row = await conn.fetchrow(_q()["payment_by_reference"], MPESA, result.checkout_request_id)
+        if row is None and result.receipt is not None:
+            # A repeat of a result that was merged into the C2B payment (its pending row is gone): the receipt
+            # still says it is recorded.
+            await _lock(conn, f"{MPESA}:receipt:{result.receipt}")
+            known = await conn.fetchrow(_q()["payment_by_receipt"], result.receipt)
+            if known is not None:
+                return Recorded("duplicate", known["id"], known["business_id"])
         if row is None:
             return await _unattributed(
                 conn,
