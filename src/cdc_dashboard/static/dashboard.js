@@ -173,12 +173,13 @@ function timeFormat(options) {
   }
 }
 
-/** The calendar day of an instant in the business's timezone, as YYYY-MM-DD. */
+/** The calendar date parts ({year, month, day}) of an instant in the business's timezone. */
 function localDay(date) {
   return timeFormat({ year: "numeric", month: "2-digit", day: "2-digit" })
     .formatToParts(date)
     .reduce((acc, part) => ({ ...acc, [part.type]: part.value }), {});
 }
+/** The same day as "YYYY-MM-DD". */
 function dayKey(date) {
   const p = localDay(date);
   return `${p.year}-${p.month}-${p.day}`;
@@ -246,23 +247,18 @@ function renderBusiness(business) {
   }
 }
 
-function transactionRows(body) {
-  if (Array.isArray(body)) return body;
-  return body.items ?? body.transactions ?? body.data ?? [];
-}
-
 let shownTransactions = null; // ids already on screen, to highlight the rows that are new
 
 function renderTransactions(body) {
-  const rows = transactionRows(body);
+  const rows = body.items ?? []; // newest first, as the gateway sends them
   const list = byTestId("transactions");
   const before = shownTransactions;
   shownTransactions = new Set(rows.map((tx) => tx.id));
   list.replaceChildren(
     ...rows.map((tx) => {
       const status = tx.status ?? "";
-      const client = tx.client_name ?? tx.client?.name ?? "";
-      const when = tx.paid_at ?? tx.occurred_at ?? tx.created_at ?? tx.at;
+      const client = tx.client_name ?? "";
+      const when = tx.at ?? tx.paid_at ?? tx.created_at; // `at`: when it was paid, else created
       return el(
         "li",
         { "data-id": tx.id, "data-status": status, class: before && !before.has(tx.id) ? "fresh" : null },
@@ -283,29 +279,15 @@ function renderTransactions(body) {
 
 // ---- the revenue chart: a hand-drawn SVG bar chart (no library to vendor, nothing to download) ----
 
-/**
- * Normalise a /revenue response to {currency: Map(bucketKey -> minor)}. Accepts the documented shape
- * (`series` per currency, points with `bucket` and `revenue_minor`) and tolerates close variants.
- */
+/** A /revenue body ({series: {KES: [{bucket, revenue_minor}, ...]}}) as {currency: Map(bucket key -> minor)}. */
 function seriesByCurrency(body, granularity, keep = () => true) {
   const out = {};
-  const add = (currency, point) => {
-    const at = point.bucket ?? point.start ?? point.period ?? point.t ?? point.date ?? point.day ?? point.hour;
-    const minor = point.revenue_minor ?? point.amount_minor ?? point.total_minor ?? point.value ?? 0;
-    if (at === undefined || !keep(at)) return;
-    const key = bucketKey(at, granularity);
-    const series = (out[currency] ??= new Map());
-    series.set(key, (series.get(key) ?? 0) + Number(minor));
-  };
-  const series = body?.series ?? body?.revenue ?? body;
-  if (Array.isArray(series)) {
-    for (const s of series) {
-      if (Array.isArray(s.points)) s.points.forEach((p) => add(s.currency, p));
-      else add(s.currency, s);
-    }
-  } else if (series && typeof series === "object") {
-    for (const [currency, points] of Object.entries(series)) {
-      if (Array.isArray(points)) points.forEach((p) => add(currency, p));
+  for (const [currency, points] of Object.entries(body?.series ?? {})) {
+    const series = (out[currency] = new Map());
+    for (const point of points) {
+      if (!keep(point.bucket)) continue;
+      const key = bucketKey(point.bucket, granularity);
+      series.set(key, (series.get(key) ?? 0) + Number(point.revenue_minor ?? 0));
     }
   }
   return out;
