@@ -136,6 +136,14 @@ def test_a_completed_payment_reaches_the_open_dashboard_within_2_seconds(
     expect(page.get_by_test_id("payments-count")).to_have_text("2", timeout=within_2s())
     expect(paid_bookings(page)).to_have_text("1", timeout=within_2s())
 
+    # The chart: today's hours and the last 30 days both hold the two payments of today.
+    chart = page.get_by_test_id("revenue-chart")
+    expect(chart).to_have_attribute("aria-label", "Revenue today by hour: KES 4,000.00")
+    expect(chart.locator("rect.bar")).to_have_count(24)
+    page.get_by_role("tab", name="30 days").click()
+    expect(chart).to_have_attribute("aria-label", "Revenue over 30 days by day: KES 4,000.00")
+    expect(chart.locator("rect.bar")).to_have_count(30)
+
     # A burst of payments: all of them shown.
     with psycopg.connect(db_url, autocommit=True) as conn:
         for n in range(10):
