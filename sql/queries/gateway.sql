@@ -48,3 +48,11 @@ select (select count(*) from cdc.change_log)::bigint as backlog,
        coalesce(extract(epoch from now() - (select min(captured_at) from cdc.change_log)), 0)::float8 as lag_seconds,
        extract(epoch from now() - s.heartbeat_at)::float8 as heartbeat_age_seconds
 from dashboard.listener_state s
+
+-- hub_recent --
+-- The newest $2 events up to the hub's starting position $1, newest first, kept in memory for resuming streams.
+select id, business_id, kind, payload::text as payload, created_at
+from dashboard.events
+where id <= $1
+order by id desc
+limit $2

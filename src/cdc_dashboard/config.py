@@ -39,6 +39,7 @@ class Settings(BaseSettings):
     sse_ping_seconds: float = Field(default=15.0, gt=0)
     max_connections: int = Field(default=20000, ge=1)
     sse_queue_size: int = Field(default=256, ge=1, description="events buffered per stream before it is cut")
+    sse_replay_memory_events: int = Field(default=10000, ge=0, description="latest events kept for resuming streams")
     sse_send_timeout_seconds: float = Field(default=30.0, gt=0, description="a stream whose send blocks longer is cut")
     cors_origins: str = Field(default="", description="comma-separated origins allowed to call the API from browsers")
     event_retention_days: float = Field(default=7.0, gt=0)

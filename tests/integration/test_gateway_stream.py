@@ -10,6 +10,7 @@ import uuid
 
 import aiohttp
 import psycopg
+import pytest
 
 from .gateway_support import append_events, open_stream, run_gateway, token_for
 
@@ -70,12 +71,18 @@ async def test_change_committed_right_after_headers_is_delivered(db_url: str) ->
                 assert event is not None and event.id == str(event_id)
 
 
-async def test_resume_replays_then_continues_live_without_gap_or_duplicate(db_url: str) -> None:
+# Resuming streams replay from the hub's memory of the latest events, or from the database when memory does
+# not reach back far enough: both paths must give the same stream.
+REPLAY_SOURCES = pytest.mark.parametrize("memory", [10_000, 0, 3], ids=["memory", "database", "memory-evicted"])
+
+
+@REPLAY_SOURCES
+async def test_resume_replays_then_continues_live_without_gap_or_duplicate(db_url: str, memory: int) -> None:
     b, other = _new_business(), _new_business()
     before = append_events(db_url, *[(b, "invalidate"), (other, "invalidate")] * 5)
     mine_before = before[0::2]
     resume_from = mine_before[1]
-    async with run_gateway(db_url) as gw:
+    async with run_gateway(db_url, sse_replay_memory_events=memory) as gw:
         # Events keep arriving while the stream replays: the seam must neither drop nor repeat any.
         async def writer() -> list[int]:
             ids: list[int] = []
@@ -102,14 +109,15 @@ async def test_resume_replays_then_continues_live_without_gap_or_duplicate(db_ur
             assert event is not None and [int(event.id or 0)] == more
 
 
-async def test_last_event_id_past_retention_gets_resync_first(db_url: str) -> None:
+@REPLAY_SOURCES
+async def test_last_event_id_past_retention_gets_resync_first(db_url: str, memory: int) -> None:
     b = _new_business()
     old = append_events(db_url, *[(b, "invalidate")] * 4)
     with psycopg.connect(db_url, autocommit=True) as conn:
         # What the listener's pruning does: delete old events and raise the horizon.
         conn.execute("delete from dashboard.events where id <= %s", (old[2],))
         conn.execute("update dashboard.listener_state set pruned_through = %s", (old[2],))
-    async with run_gateway(db_url) as gw:
+    async with run_gateway(db_url, sse_replay_memory_events=memory) as gw:
         async with open_stream(gw.url, b, token_for(b), last_event_id=old[0]) as stream:
             first = await stream.next_event()
             assert first is not None and first.event == "resync"
@@ -124,15 +132,42 @@ async def test_last_event_id_past_retention_gets_resync_first(db_url: str) -> No
             assert [(e.event, int(e.id or 0)) for e in got] == [("invalidate", old[3]), ("invalidate", live)]
 
 
-async def test_last_event_id_from_the_future_gets_resync(db_url: str) -> None:
+@REPLAY_SOURCES
+async def test_last_event_id_from_the_future_gets_resync(db_url: str, memory: int) -> None:
     """An id this database never gave (e.g. it was recreated) must not silence the stream."""
     b = _new_business()
-    async with run_gateway(db_url) as gw, open_stream(gw.url, b, token_for(b), last_event_id=10_000) as stream:
+    async with (
+        run_gateway(db_url, sse_replay_memory_events=memory) as gw,
+        open_stream(gw.url, b, token_for(b), last_event_id=10_000) as stream,
+    ):
         first = await stream.next_event()
         assert first is not None and first.event == "resync"
         [live] = append_events(db_url, (b, "invalidate"))
         event = await stream.next_event()
         assert event is not None and event.id == str(live)
+
+
+async def test_resume_within_memory_needs_no_database_row(db_url: str) -> None:
+    """Events the gateway still holds in memory are replayed even once pruned from the table."""
+    b = _new_business()
+    async with run_gateway(db_url) as gw:
+        ids = append_events(db_url, *[(b, "invalidate")] * 3)
+        # Wait until this gateway has dispatched them (a stream sees the last one).
+        async with open_stream(gw.url, b, token_for(b), last_event_id=ids[1]) as stream:
+            event = await stream.next_event()
+            assert event is not None and event.id == str(ids[2])
+        with psycopg.connect(db_url, autocommit=True) as conn:
+            conn.execute("delete from dashboard.events where id <= %s", (ids[2],))
+            conn.execute("update dashboard.listener_state set pruned_through = %s", (ids[2],))
+        async with open_stream(gw.url, b, token_for(b), last_event_id=ids[0]) as stream:
+            got = await stream.events(2)
+            assert [(e.event, int(e.id or 0)) for e in got] == [("invalidate", ids[1]), ("invalidate", ids[2])]
+        assert "cdc_gateway_resyncs_sent_total 0.0" in await _metrics(gw.url)
+
+
+async def _metrics(base_url: str) -> str:
+    async with aiohttp.ClientSession() as session, session.get(f"{base_url}/metrics") as response:
+        return await response.text()
 
 
 async def test_bad_last_event_id_is_400(db_url: str) -> None:

@@ -13,11 +13,13 @@ the overlap by id. A subscriber whose buffer is full is cut (it resumes by Last-
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import logging
 import os
 import socket
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -118,7 +120,9 @@ class Subscriber:
 class Hub:
     """Owns the LISTEN connection and the subscribers; `start()` returns once listening and caught up."""
 
-    def __init__(self, database_url: str, metrics: GatewayMetrics, *, probe_seconds: float = 5.0) -> None:
+    def __init__(
+        self, database_url: str, metrics: GatewayMetrics, *, probe_seconds: float = 5.0, recent_events: int = 10_000
+    ) -> None:
         self._url = database_url
         self._metrics = metrics
         self._probe_seconds = probe_seconds
@@ -129,6 +133,11 @@ class Hub:
         self._task: asyncio.Task[None] | None = None
         self._conn: asyncpg.Connection | None = None
         self.position = 0
+        # The latest events of every business, so that a resuming stream (every page load resumes from its
+        # `as_of_event_id`, every reconnect from its last id) replays from memory instead of the database.
+        # Every event with an id in (_recent_floor, position] is in it.
+        self._recent: deque[HubEvent] = deque(maxlen=recent_events)
+        self._recent_floor: int | None = None
         self.listening = asyncio.Event()
         self.draining = False
         self.reconnects = 0
@@ -157,6 +166,18 @@ class Hub:
             if not subs:
                 del self._by_business[sub.business_id]
         sub.close("closed")
+
+    def recent_after(self, business_id: str, after: int) -> list[HubEvent] | None:
+        """The business's events after id `after` up to the hub's position, from memory; None when memory does
+        not reach back that far (or `after` is ahead of the hub): the caller then reads the database."""
+        floor = self._recent_floor
+        if floor is None or self._recent.maxlen == 0 or after < floor or after > self.position:
+            return None
+        recent = self._recent
+        start = bisect.bisect_right(recent, after, key=lambda event: event.id)
+        # Indexing walks from the nearer end of the deque: resuming streams are usually near the newest events.
+        events = (recent[i] for i in range(start, len(recent)))
+        return [event for event in events if event.business_id is None or event.business_id == business_id]
 
     def drain(self) -> None:
         """SIGTERM: every stream ends (with a jittered retry), and new ones are refused."""
@@ -214,8 +235,9 @@ class Hub:
                 await self._connect()
                 assert self._conn is not None
                 if first:
-                    # A fresh gateway starts at the present; streams replay older events themselves.
+                    # A fresh gateway starts at the present, with the latest events in memory for resuming streams.
                     self.position = int(await self._conn.fetchval(sql["hub_position"]))
+                    await self._load_recent()
                     first = False
                 await self._catch_up()
                 self.listening.set()
@@ -296,13 +318,20 @@ class Hub:
             if len(rows) < _BATCH:
                 return
 
+    async def _load_recent(self) -> None:
+        assert self._conn is not None
+        maxlen = self._recent.maxlen or 0
+        rows = await self._conn.fetch(queries("gateway")["hub_recent"], self.position, maxlen) if maxlen else []
+        self._recent.clear()
+        self._recent.extend(_event(row) for row in reversed(rows))
+        # Conservative: ids below the oldest loaded one may have been pruned, so memory starts just before it.
+        self._recent_floor = self._recent[0].id - 1 if self._recent else self.position
+
     def _dispatch(self, row: asyncpg.Record) -> None:
-        event = HubEvent(
-            id=row["id"],
-            business_id=row["business_id"],
-            kind=row["kind"],
-            encoded=encode_event(row["id"], row["kind"], row["payload"]),
-        )
+        event = _event(row)
+        if self._recent.maxlen and len(self._recent) == self._recent.maxlen:
+            self._recent_floor = self._recent[0].id  # about to be evicted
+        self._recent.append(event)
         if event.business_id is None:
             targets = [sub for subs in self._by_business.values() for sub in subs]
         else:
@@ -315,3 +344,12 @@ class Hub:
         created: datetime = row["created_at"]
         self._metrics.event_lag.set(max(0.0, time.time() - created.timestamp()))
         self._metrics.position.set(event.id)
+
+
+def _event(row: asyncpg.Record) -> HubEvent:
+    return HubEvent(
+        id=row["id"],
+        business_id=row["business_id"],
+        kind=row["kind"],
+        encoded=encode_event(row["id"], row["kind"], row["payload"]),
+    )

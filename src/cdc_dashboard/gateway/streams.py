@@ -34,7 +34,7 @@ from starlette.types import Receive, Scope, Send
 from ..config import Settings
 from ..sqlfiles import queries
 from .auth import TokenClaims, authorize
-from .hub import SEP, Hub, Subscriber, encode_event
+from .hub import SEP, Hub, HubEvent, Subscriber, encode_event
 from .metrics import GatewayMetrics
 
 __all__ = ["RETRY_MS", "routes"]
@@ -92,12 +92,24 @@ class _EventStream(EventSourceResponse):
 
 
 async def _events(
-    request: Request, hub: Hub, sub: Subscriber, claims: TokenClaims, last_id: int | None, start: int
+    request: Request,
+    sub: Subscriber,
+    claims: TokenClaims,
+    last_id: int | None,
+    start: int,
+    recent: list[HubEvent] | None,
 ) -> AsyncIterator[bytes]:
     metrics: GatewayMetrics = request.app.state.metrics
     yield ServerSentEvent(retry=RETRY_MS, sep=SEP).encode()
     sent = start if last_id is None else last_id
-    if last_id is not None:
+    if recent is not None:
+        # Taken from the hub's memory when the stream subscribed: exactly the events up to `start`.
+        sent = start
+        for event in recent:
+            metrics.events_replayed.inc()
+            metrics.events_sent.inc()
+            yield event.encoded
+    elif last_id is not None:
         try:
             async for frame, event_id in _replay(request, sub.business_id, last_id, start):
                 sent = event_id
@@ -177,11 +189,14 @@ async def stream_events(request: Request) -> Response:
         raise HTTPException(503, "too many connections", headers={"Retry-After": _retry_after()})
     sub = hub.subscribe(business_id, settings.sse_queue_size)
     start = hub.position
+    # In the same step as the subscription (no await between): memory holds (last_id, start], the subscriber
+    # everything after `start`.
+    recent = hub.recent_after(business_id, last_id) if last_id is not None else None
     return _EventStream(
         hub,
         sub,
         metrics,
-        content=_events(request, hub, sub, claims, last_id, start),
+        content=_events(request, sub, claims, last_id, start, recent),
         headers=SSE_HEADERS,
         # Heartbeats come from the stream's own wait (above), not from a ping task per connection: that task
         # and its timer cost memory at 10,000 connections (docs/BENCHMARKS.md).
