@@ -136,6 +136,13 @@ def test_a_completed_payment_reaches_the_open_dashboard_within_2_seconds(
     expect(page.get_by_test_id("payments-count")).to_have_text("2", timeout=within_2s())
     expect(paid_bookings(page)).to_have_text("1", timeout=within_2s())
 
+    # Manual refresh: the gateway rebuilds the business's figures, the page refetches and shows the same.
+    with page.expect_response(lambda r: r.url.endswith("/refresh") and r.request.method == "POST") as refreshed:
+        page.get_by_test_id("refresh").click()
+    assert refreshed.value.status == 200
+    expect(page.get_by_test_id("refresh")).to_be_enabled()
+    expect(page.get_by_test_id("revenue-total")).to_have_text("KES 4,000.00")
+
     # The chart: today's hours and the last 30 days both hold the two payments of today.
     chart = page.get_by_test_id("revenue-chart")
     expect(chart).to_have_attribute("aria-label", "Revenue today by hour: KES 4,000.00")
