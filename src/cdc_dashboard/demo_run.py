@@ -60,8 +60,10 @@ def run_demo(settings: Settings, *, seed: int) -> int:
             print(f"  {business_id}  {name}", flush=True)
         secret = ensure_secret(settings)
         first_business = str(businesses[0][0])
+        # A wildcard bind address is not somewhere a browser can go; the machine itself is.
+        host = "127.0.0.1" if settings.http_host in ("0.0.0.0", "::", "") else settings.http_host
         dashboard_url = (
-            f"http://{settings.http_host}:{settings.http_port}/dashboard/{first_business}"
+            f"http://{host}:{settings.http_port}/dashboard/{first_business}"
             f"?access_token={create_token(secret, [first_business], DEMO_TOKEN_TTL)}"
         )
         print(f"PostgreSQL: {url}", flush=True)
