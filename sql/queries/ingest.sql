@@ -28,12 +28,12 @@ insert into clients (name, phone, email) values ($1::text, $2::text, $3::text) r
 select id from bookings where id = $1::uuid and business_id = $2::uuid for update
 
 -- payment_by_reference --
-select id, business_id, client_id, booking_id, amount_minor, currency, status, mpesa_receipt
+select id, business_id, client_id, booking_id, amount_minor, currency, status, mpesa_receipt, paid_at
 from payments where provider = $1::text and provider_reference = $2::text
 for update
 
 -- payment_by_receipt --
-select id, business_id, client_id, booking_id, amount_minor, currency, status, mpesa_receipt
+select id, business_id, client_id, booking_id, amount_minor, currency, status, mpesa_receipt, paid_at
 from payments where mpesa_receipt = $1::text
 for update
 
@@ -59,18 +59,15 @@ update payments set status = 'failed' where id = $1::uuid
 -- refund_payment --
 update payments set status = 'refunded' where id = $1::uuid
 
--- adopt_duplicate --
--- The same M-Pesa payment reached us first by C2B: the surviving payment takes what the app knew
--- (client, booking) and the pending STK row's history, then the pending row goes.
-update payments
-set client_id = coalesce(client_id, $2::uuid), booking_id = coalesce(booking_id, $3::uuid)
-where id = $1::uuid
-
 -- move_payment_transactions --
+-- The same M-Pesa payment reached us first by C2B, then by STK: the app's payment takes over the C2B
+-- payment's history before the C2B row goes.
 update payment_transactions set payment_id = $1::uuid where payment_id = $2::uuid
 
 -- move_ledger --
-update client_business_transactions set payment_id = $1::uuid where payment_id = $2::uuid
+update client_business_transactions
+set payment_id = $1::uuid, client_id = coalesce($3::uuid, client_id)
+where payment_id = $2::uuid
 
 -- delete_payment --
 delete from payments where id = $1::uuid

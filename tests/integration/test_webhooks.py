@@ -515,15 +515,21 @@ def test_same_receipt_by_stk_then_c2b_is_one_payment(server: WebhookServer) -> N
 def test_same_receipt_by_c2b_then_stk_is_one_payment(server: WebhookServer) -> None:
     business = server.business(shortcode="600966")
     booking = server.booking(business, 500)
-    server.pending_stk(business, "ws_CO_B", 500, booking)
+    payment_id = server.pending_stk(business, "ws_CO_B", 500, booking)
     assert server.mpesa("c2b/confirmation", fixture("mpesa/c2b_confirmation_v2")).status_code == 200
+    c2b_client = server.one("select client_id from payments where provider_reference = 'RKL51ZDR4F'")
     assert server.mpesa("stk", _stk_for("RKL51ZDR4F", "ws_CO_B")).status_code == 200
-    # The C2B payment stays; it takes the booking the app had attached to the STK push.
-    assert server.query("select provider_reference, status, booking_id from payments") == [
-        ("RKL51ZDR4F", "completed", booking)
+    # The app's payment (the id it holds) is the one that stays; the C2B's history moved onto it.
+    assert server.query("select id, status, mpesa_receipt, booking_id, client_id from payments") == [
+        (payment_id, "completed", "RKL51ZDR4F", booking, c2b_client)
     ]
-    assert server.one("select count(*) from client_business_transactions") == 1
+    assert server.query("select payment_id, type from client_business_transactions") == [(payment_id, "payment")]
+    assert server.query("select payment_id from payment_transactions") == [(payment_id,)]
     assert server.one("select payment_status from bookings") == "paid"
+    # Repeats of either are duplicates.
+    assert server.mpesa("stk", _stk_for("RKL51ZDR4F", "ws_CO_B")).status_code == 200
+    assert server.mpesa("c2b/confirmation", fixture("mpesa/c2b_confirmation_v2")).status_code == 200
+    assert server.one("select count(*) from payment_transactions") == 1
 
 
 def test_receipt_already_paid_to_another_business_changes_neither(server: WebhookServer) -> None:

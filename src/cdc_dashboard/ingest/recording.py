@@ -389,18 +389,33 @@ async def _stk_success(conn: asyncpg.Connection, row: asyncpg.Record, result: St
             conn, provider=MPESA, amount_minor=result.amount_minor, currency=MPESA_CURRENCY, status="completed", raw=raw
         )
     if other is not None and other["id"] != row["id"]:
-        # The C2B confirmation of this very payment came first. It stays the payment (it is already in the
-        # figures); it adopts the app's client and booking, and the pending STK row is folded into it.
-        await conn.execute(q["adopt_duplicate"], other["id"], row["client_id"], row["booking_id"])
-        await conn.execute(q["move_payment_transactions"], other["id"], row["id"])
-        await conn.execute(q["move_ledger"], other["id"], row["id"])
-        await conn.execute(q["delete_payment"], row["id"])
-        await _refresh_booking(conn, other["booking_id"] or row["booking_id"])
-        log.info(
-            "ingest: STK result merged into the C2B payment with the same receipt",
-            extra={"receipt": result.receipt, "payment_id": str(other["id"]), "removed_payment_id": str(row["id"])},
+        # The C2B confirmation of this very payment came first. The app's payment (the pending row it created
+        # to start the push) is the one that stays: the app knows its id. It takes over the C2B payment's
+        # provider and ledger rows (the money was counted once, by the C2B), the C2B row goes, and the pending
+        # row is completed, all in this transaction: the figures never count the payment twice or drop it.
+        client_id = row["client_id"] or other["client_id"]
+        booking_id = row["booking_id"] or other["booking_id"]
+        await conn.execute(q["move_payment_transactions"], row["id"], other["id"])
+        await conn.execute(q["move_ledger"], row["id"], other["id"], client_id)
+        await conn.execute(q["delete_payment"], other["id"])
+        await conn.execute(
+            q["complete_payment"],
+            row["id"],
+            result.amount_minor,
+            MPESA_CURRENCY,
+            result.paid_at or other["paid_at"],
+            client_id,
+            booking_id,
+            result.receipt,
         )
-        return Recorded("merged", other["id"], other["business_id"])
+        await _refresh_booking(conn, booking_id)
+        if other["booking_id"] is not None and other["booking_id"] != booking_id:
+            await _refresh_booking(conn, other["booking_id"])
+        log.info(
+            "ingest: C2B payment merged into the STK payment with the same receipt",
+            extra={"receipt": result.receipt, "payment_id": str(row["id"]), "removed_payment_id": str(other["id"])},
+        )
+        return Recorded("merged", row["id"], row["business_id"])
     client_id = row["client_id"] or await _client(conn, email=None, phone=result.phone, name="")
     return await _complete_pending(
         conn,
