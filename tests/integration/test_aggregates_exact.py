@@ -81,6 +81,7 @@ ops = st.one_of(
         st.just("rebook"), st.integers(0, 99), st.sampled_from(BOOKING_STATUSES), st.sampled_from(PAYMENT_STATUSES)
     ),
     st.tuples(st.just("unbook"), st.integers(0, 99)),
+    st.tuples(st.just("movebook"), st.integers(0, 99), st.integers(0, 2)),
     st.tuples(st.just("sync")),
 )
 
@@ -208,12 +209,14 @@ def run_history(conn: psycopg.Connection[Any], history: list[tuple[Any, ...]]) -
             bookings.append(bid)
         elif kind == "sync":
             consume(conn)
-        elif kind in ("rebook", "unbook"):
+        elif kind in ("rebook", "unbook", "movebook"):
             if not bookings:
                 continue
             bid = bookings[op[1] % len(bookings)]
             if kind == "rebook":
                 conn.execute("update bookings set status = %s, payment_status = %s where id = %s", (op[2], op[3], bid))
+            elif kind == "movebook":
+                conn.execute("update bookings set business_id = %s where id = %s", (BUSINESSES[op[2]][0], bid))
             else:
                 conn.execute("delete from bookings where id = %s", (bid,))
                 bookings.remove(bid)

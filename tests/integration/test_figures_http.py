@@ -3,7 +3,10 @@ manual refresh, and (with the listener) figures that already include the event a
 
 from __future__ import annotations
 
+import asyncio
 import json
+import random
+import time
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -11,6 +14,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import aiohttp
+import asyncpg
 import psycopg
 import pytest
 from multidict import CIMultiDict
@@ -367,3 +371,84 @@ async def test_figures_fetched_on_each_event_include_its_payment(db_url: str) ->
                     assert stats["as_of_event_id"] >= int(event.id or 0)
                     assert stats["payments_count"] == n
                     assert stats["revenue"]["KES"]["total_minor"] == sum(1000 * k for k in range(1, n + 1))
+
+
+async def test_figures_equal_the_ledger_through_the_listener(db_url: str) -> None:
+    """Guarantee 5 through the real listener: concurrent writers (commits out of order), mixed writes; once the
+    listener has caught up, every business's `stats` equals DESIGN's definitions computed over the base tables."""
+    from .test_aggregates_exact import expected_figures
+
+    businesses = [str(uuid.uuid4()) for _ in range(3)]
+    clients = [str(uuid.uuid4()) for _ in range(3)]
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        for b in businesses:
+            conn.execute("insert into businesses (id, name) values (%s, 'Salon')", (b,))
+        for c in clients:
+            conn.execute("insert into clients (id, name) values (%s, 'Client')", (c,))
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+
+    def writer(seed: int) -> None:
+        rng = random.Random(seed)
+        midnight = datetime.now(NAIROBI).replace(hour=0, minute=0, second=0, microsecond=0)
+        with psycopg.connect(db_url) as conn:
+            mine: list[str] = []
+            for _ in range(40):
+                with conn.transaction():
+                    roll = rng.random()
+                    if roll < 0.5 or not mine:
+                        at = midnight + timedelta(minutes=rng.randint(-30, 30))
+                        mine.append(
+                            pay(
+                                conn,
+                                rng.choice(businesses),
+                                rng.choice([None, *clients]),
+                                rng.randint(1, 9999),
+                                currency=rng.choice(["KES", "USD"]),
+                                status=rng.choice(["completed", "pending"]),
+                                at=at,
+                            )
+                        )
+                    elif roll < 0.7:
+                        conn.execute(
+                            "update payments set status = %s where id = %s",
+                            (rng.choice(["completed", "refunded", "failed"]), rng.choice(mine)),
+                        )
+                    elif roll < 0.8:
+                        conn.execute(
+                            "update payments set amount_minor = %s where id = %s",
+                            (rng.randint(0, 9999), rng.choice(mine)),
+                        )
+                    elif roll < 0.9:
+                        conn.execute(
+                            "insert into bookings (business_id, status, payment_status) values (%s, %s, %s)",
+                            (
+                                rng.choice(businesses),
+                                rng.choice(["pending", "confirmed"]),
+                                rng.choice(["unpaid", "paid"]),
+                            ),
+                        )
+                    else:
+                        victim = mine.pop(rng.randrange(len(mine)))
+                        conn.execute("delete from payments where id = %s", (victim,))
+                    time.sleep(rng.random() / 200)  # transactions overlap and commit out of order
+
+    with serve_subprocess(db_url, port, "--with-listener"):
+        await asyncio.gather(*(asyncio.to_thread(writer, seed) for seed in range(4)))
+        deadline = time.monotonic() + 30
+        with psycopg.connect(db_url, autocommit=True) as conn:
+            while conn.execute("select count(*) from cdc.change_log").fetchone() != (0,):
+                assert time.monotonic() < deadline, "the listener did not catch up"
+                await asyncio.sleep(0.1)
+        oracle = await asyncpg.connect(db_url)
+        try:
+            async with aiohttp.ClientSession() as session:
+                for b in businesses:
+                    async with session.get(
+                        f"{base}/v1/businesses/{b}/stats", headers={"Authorization": f"Bearer {token_for(b)}"}
+                    ) as r:
+                        stats = await r.json()
+                    expected = await expected_figures(oracle, uuid.UUID(b))
+                    assert {k: stats[k] for k in expected} == expected, b
+        finally:
+            await oracle.close()
