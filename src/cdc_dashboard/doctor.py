@@ -26,9 +26,11 @@ from typing import Any, Literal, TextIO
 
 import aiohttp
 import asyncpg
+import psycopg
 
 from .config import Settings
 from .db import describe_url
+from .errors import UserError
 from .migrations import CAPTURE_VERSION, DEFAULT_TRACKED, schema_files, status
 from .probe import PROBE_BUSINESS_ID, EndToEndProbe, ProbeFailed
 from .sqlfiles import queries, sql_dir
@@ -52,6 +54,7 @@ _LISTENER_FIX = (
     "(or run `cdc-dashboard listen`), then read its log: journalctl -u cdc-dashboard-listener"
 )
 _DB_APPLY = "run cdc-dashboard db apply"
+_ROLE_FIX = "run doctor with the listener's database role (CDC_DATABASE_URL as in its EnvironmentFile)"
 _MISSING_OBJECT_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.UndefinedTableError,
     asyncpg.exceptions.UndefinedFunctionError,
@@ -234,6 +237,8 @@ class _Doctor:
             if schema is not None and schema.status == "fail":
                 return result("skip", "skipped: the schema is behind (see schema)", None, {"error": str(exc)})
             return result("fail", f"the database lacks an object this needs: {exc}", _DB_APPLY, {})
+        except asyncpg.exceptions.InsufficientPrivilegeError as exc:
+            return result("fail", f"permission denied: {exc}", _ROLE_FIX, {})
         except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             reason = " ".join(str(exc).split()) or type(exc).__name__
             return result(
@@ -279,7 +284,12 @@ class _Doctor:
 
     async def _schema(self) -> Outcome:
         assert self._url is not None
-        applied, pending = await asyncio.to_thread(status, self._url)
+        try:
+            applied, pending = await asyncio.to_thread(status, self._url)
+        except psycopg.errors.InsufficientPrivilege as exc:
+            raise _Failed(f"permission denied: {exc}", _ROLE_FIX) from None
+        except (psycopg.Error, UserError) as exc:
+            raise _Failed(f"cannot read the applied migrations: {exc}", _DB_APPLY) from None
         known = {p.name for p in schema_files()}
         versions = [m.version for m in applied if m.version != CAPTURE_VERSION]
         details: dict[str, Any] = {"applied": versions, "pending": pending}

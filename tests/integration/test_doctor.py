@@ -18,6 +18,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 import psycopg
@@ -318,6 +319,24 @@ def test_an_empty_database_fails_with_db_apply_and_no_traceback(empty_db_url: st
     assert checks["capture_triggers"]["status"] == "skip"
     # What needs the schema is skipped, pointing at the schema, rather than failing for the same cause.
     assert checks["listener"]["status"] == "skip" and "schema" in checks["listener"]["summary"]
+
+
+def test_a_role_without_rights_is_told_which_role_to_use(db_url: str) -> None:
+    role = f"doctor_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute(f"create role {role} login password 'doctor-test'")
+    parts = urlsplit(db_url)
+    host = parts.netloc.rpartition("@")[2]
+    as_role = urlunsplit(parts._replace(netloc=f"{role}:doctor-test@{host}"))
+    try:
+        code, checks = report(as_role, f"http://127.0.0.1:{free_port()}")
+        assert code != 0
+        for name in ("schema", "capture", "listener"):
+            assert checks[name]["status"] == "fail" and checks[name]["summary"].startswith("permission denied")
+            assert "the listener's database role" in checks[name]["fix"]
+    finally:
+        with psycopg.connect(db_url, autocommit=True) as conn:
+            conn.execute(f"drop role {role}")
 
 
 def test_an_unreachable_database_fails_first_and_skips_the_rest() -> None:
