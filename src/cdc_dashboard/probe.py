@@ -200,8 +200,8 @@ class EndToEndProbe:
             raise ProbeFailed(
                 f"event {event_id} was committed but did not arrive on the gateway's stream within "
                 f"{GATEWAY_TIMEOUT:.0f} s",
-                "the gateway's LISTEN is not delivering: read gateway in GET /v1/status (admin token), check that "
-                "no proxy buffers text/event-stream, then restart the gateway",
+                "check that --url's gateway uses this database, then read gateway in its GET /v1/status (admin "
+                "token) and that no proxy buffers text/event-stream; restart the gateway if its LISTEN is stuck",
                 details,
             )
         assert appended is not None

@@ -301,6 +301,35 @@ def test_a_stopped_listener_is_named_with_how_to_start_it(db_url: str) -> None:
         assert "systemctl restart cdc-dashboard-listener" in checks["listener"]["fix"]
 
 
+def test_backlog_stale_events_and_dead_letters_are_named(db_url: str) -> None:
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        # A change nobody consumed for a minute, an event pruning forgot, a change set aside.
+        conn.execute(
+            "insert into cdc.change_log (table_name, op, business_id, row_id, captured_at) "
+            "values ('public.payments', 'INSERT', %s, %s, now() - interval '1 minute')",
+            (str(uuid.uuid4()), str(uuid.uuid4())),
+        )
+        conn.execute(
+            "insert into dashboard.events (id, business_id, kind, payload, created_at) "
+            "values (nextval('dashboard.event_id_seq'), %s, 'invalidate', '{}', now() - interval '10 days')",
+            (str(uuid.uuid4()),),
+        )
+        conn.execute(
+            "insert into dashboard.dead_letters (change, reason) values ('{}', 'INSERT on x carries no business key')"
+        )
+    code, checks = report(db_url, f"http://127.0.0.1:{free_port()}")
+    assert code != 0
+    assert re.match(
+        r"1 change\(s\) waiting, oldest 6\d\.\d s: the listener is not consuming", checks["backlog"]["summary"]
+    )
+    assert "systemctl restart cdc-dashboard-listener" in checks["backlog"]["fix"]
+    assert "pruning is not keeping up" in checks["events"]["summary"]
+    assert "CDC_EVENT_RETENTION_DAYS" in checks["events"]["fix"]
+    assert checks["dead_letters"]["summary"].startswith("1 change(s) could not become events")
+    assert "carries no business key" in checks["dead_letters"]["summary"]
+    assert checks["dead_letters"]["fix"].startswith("inspect dashboard.dead_letters")
+
+
 def test_a_schema_behind_says_db_apply(db_url: str) -> None:
     with psycopg.connect(db_url, autocommit=True) as conn:
         conn.execute("delete from dashboard.schema_migrations where version = '0005_incremental_aggregates.sql'")
