@@ -374,8 +374,9 @@ async def test_figures_fetched_on_each_event_include_its_payment(db_url: str) ->
 
 
 async def test_figures_equal_the_ledger_through_the_listener(db_url: str) -> None:
-    """Guarantee 5 through the real listener: concurrent writers (commits out of order), mixed writes; once the
-    listener has caught up, every business's `stats` equals DESIGN's definitions computed over the base tables."""
+    """Guarantee 5 through the real listener: concurrent writers (commits out of order), mixed writes, manual
+    refreshes racing the listener; once it has caught up, every business's `stats` equals DESIGN's definitions
+    computed over the base tables."""
     from .test_aggregates_exact import expected_figures
 
     businesses = [str(uuid.uuid4()) for _ in range(3)]
@@ -433,8 +434,25 @@ async def test_figures_equal_the_ledger_through_the_listener(db_url: str) -> Non
                         conn.execute("delete from payments where id = %s", (victim,))
                     time.sleep(rng.random() / 200)  # transactions overlap and commit out of order
 
+    async def refresher(session: aiohttp.ClientSession, done: asyncio.Event) -> int:
+        """Manual refreshes racing the listener: both move the same rollups (the advisory lock keeps them apart)."""
+        count = 0
+        while not done.is_set():
+            b = businesses[count % len(businesses)]
+            async with session.post(
+                f"{base}/v1/businesses/{b}/refresh", headers={"Authorization": f"Bearer {token_for(b)}"}
+            ) as r:
+                assert r.status == 200, await r.text()
+            count += 1
+        return count
+
     with serve_subprocess(db_url, port, "--with-listener"):
-        await asyncio.gather(*(asyncio.to_thread(writer, seed) for seed in range(4)))
+        async with aiohttp.ClientSession() as session:
+            done = asyncio.Event()
+            racing = asyncio.create_task(refresher(session, done))
+            await asyncio.gather(*(asyncio.to_thread(writer, seed) for seed in range(4)))
+            done.set()
+            assert await racing > 0
         deadline = time.monotonic() + 30
         with psycopg.connect(db_url, autocommit=True) as conn:
             while conn.execute("select count(*) from cdc.change_log").fetchone() != (0,):
