@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -10,11 +11,15 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from datetime import UTC, datetime
 from pathlib import Path
 
+import psycopg
+
+from cdc_dashboard.events import manual_refresh_payload
 from cdc_dashboard.gateway.auth import create_token
 
-__all__ = ["CHROMIUM", "CHROMIUM_ARGS", "SECRET", "Gateway"]
+__all__ = ["CHROMIUM", "CHROMIUM_ARGS", "SECRET", "Gateway", "append_invalidations"]
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking"]
@@ -81,3 +86,14 @@ class Gateway:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-4000:] if self.log_path.exists() else ""
+
+
+def append_invalidations(db_url: str, business_id: str, count: int) -> None:
+    """`count` events for the business, each in its own transaction, through the gateway's durable event log."""
+    payload = json.dumps(manual_refresh_payload(business_id, datetime.now(UTC).isoformat()))
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        for _ in range(count):
+            conn.execute(
+                "select dashboard.append_events_v1(%s, %s, %s::jsonb[])",
+                ([business_id], ["invalidate"], [payload]),
+            )

@@ -5,20 +5,16 @@ comes back, and the page says so, polls meanwhile, and catches up on what it mis
 
 from __future__ import annotations
 
-import json
 import os
 import time
 import uuid
 from dataclasses import dataclass
-from datetime import UTC, datetime
 
 import psycopg
 import pytest
 from playwright.sync_api import Browser, Locator, Page, expect
 
-from cdc_dashboard.events import manual_refresh_payload
-
-from .harness import Gateway
+from .harness import Gateway, append_invalidations
 
 pytestmark = pytest.mark.browser
 
@@ -78,17 +74,6 @@ def record_payment(conn: psycopg.Connection, shop: Shop, client_name: str, amoun
                 "update bookings set payment_status = 'paid', client_id = %s where id = %s", (client_id, booking_id)
             )
     return payment_id
-
-
-def append_invalidations(db_url: str, business_id: str, count: int) -> None:
-    """`count` events for the business, each in its own transaction, through the gateway's durable event log."""
-    payload = json.dumps(manual_refresh_payload(business_id, datetime.now(UTC).isoformat()))
-    with psycopg.connect(db_url, autocommit=True) as conn:
-        for _ in range(count):
-            conn.execute(
-                "select dashboard.append_events_v1(%s, %s, %s::jsonb[])",
-                ([business_id], ["invalidate"], [payload]),
-            )
 
 
 def open_dashboard(chromium: Browser, gateway: Gateway, shop: Shop) -> Page:

@@ -16,8 +16,7 @@ from playwright.sync_api import Browser, Page, Route
 
 from cdc_dashboard.events import ALL_PAYMENT_KEYS, BOOKING_KEYS
 
-from .harness import Gateway
-from .test_dashboard import append_invalidations
+from .harness import Gateway, append_invalidations
 
 pytestmark = pytest.mark.browser
 
