@@ -40,6 +40,7 @@ __all__ = ["PROBE_BUSINESS_ID", "CheckResult", "Report", "diagnose", "run_doctor
 # The live listener beats every ~4 s when quiet (listener.py, probe_interval), and at every batch when busy.
 HEARTBEAT_STALE_SECONDS = 15.0
 BACKLOG_STALE_SECONDS = 15.0
+LEADER_GRACE_SECONDS = 3.0
 OPEN_TRANSACTION_LIMIT_SECONDS = 600.0
 # Past this, a stuck LISTEN session is filling the queue; when it is full, every NOTIFY fails its commit.
 NOTIFY_QUEUE_LIMIT = 0.5
@@ -417,6 +418,20 @@ class _Doctor:
             raise _Failed(
                 f"the listener is not live ({where}{errors})",
                 "check that the listener's host reaches PostgreSQL: journalctl -u cdc-dashboard-listener",
+                details,
+            )
+        # The heartbeat lags a death by up to 15 s; the leadership lock goes with the session at once. Allow
+        # a reconnect or a standby's takeover (it retries every second) a moment before calling it gone.
+        deadline = time.monotonic() + LEADER_GRACE_SECONDS
+        while not row["leader_connected"] and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+            row = await self._conn.fetchrow(self._q["listener_state"])
+        details = dict(row)
+        if not row["leader_connected"]:
+            raise _Failed(
+                f"no listener holds the leadership lock: the one on {row['node'] or '?'} is gone (its heartbeat is "
+                f"{_seconds(age)} old and will go stale)",
+                _LISTENER_FIX,
                 details,
             )
         return (

@@ -177,6 +177,8 @@ def test_a_healthy_system_passes_every_check(healthy: tuple[str, str, list[str]]
     assert code == 0, {n: c["summary"] for n, c in checks.items() if c["status"] != "pass"}
     assert checks["database"]["details"]["server_version"]
     assert checks["listener"]["details"]["state"] == "live"
+    assert checks["listener"]["details"]["leader_connected"] is True
+    assert checks["listener"]["details"]["listener_processes"] == 1
     hops = checks["end_to_end"]["details"]["hops"]
     assert set(hops) == {"stream_open_ms", "capture_ms", "listener_ms", "gateway_ms", "total_ms"}
     assert all(v >= 0 for v in hops.values())
@@ -328,6 +330,26 @@ def test_backlog_stale_events_and_dead_letters_are_named(db_url: str) -> None:
     assert checks["dead_letters"]["summary"].startswith("1 change(s) could not become events")
     assert "carries no business key" in checks["dead_letters"]["summary"]
     assert checks["dead_letters"]["fix"].startswith("inspect dashboard.dead_letters")
+
+
+def test_a_killed_listener_is_named_before_its_heartbeat_goes_stale(db_url: str) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CDC_")}
+    env["CDC_DATABASE_URL"] = db_url
+    proc = subprocess.Popen([CLI, "listen"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 20
+        with psycopg.connect(db_url, autocommit=True) as conn:
+            while conn.execute("select state from dashboard.listener_state").fetchone() != ("live",):
+                assert proc.poll() is None and time.monotonic() < deadline, "the listener did not go live"
+                time.sleep(0.1)
+    finally:
+        proc.kill()
+        proc.wait()
+    code, checks = report(db_url, f"http://127.0.0.1:{free_port()}")
+    assert code != 0
+    listener = checks["listener"]
+    assert listener["status"] == "fail" and listener["summary"].startswith("no listener holds the leadership lock")
+    assert "systemctl restart cdc-dashboard-listener" in listener["fix"]
 
 
 def test_a_schema_behind_says_db_apply(db_url: str) -> None:
