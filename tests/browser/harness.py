@@ -1,4 +1,4 @@
-"""A real gateway process for browser tests, and where Chromium is."""
+"""Browser-test harness: a real gateway process, where Chromium is, and appending events to the durable log."""
 
 from __future__ import annotations
 
