@@ -332,7 +332,15 @@ def test_backlog_stale_events_and_dead_letters_are_named(db_url: str) -> None:
     assert checks["dead_letters"]["fix"].startswith("inspect dashboard.dead_letters")
 
 
-def test_a_killed_listener_is_named_before_its_heartbeat_goes_stale(db_url: str) -> None:
+@pytest.mark.parametrize(
+    ("stop", "summary"),
+    [
+        (signal.SIGKILL, "no listener holds the leadership lock"),  # before its heartbeat goes stale
+        (signal.SIGTERM, "the listener stopped"),
+    ],
+    ids=["killed", "stopped"],
+)
+def test_a_listener_that_is_gone_is_named_at_once(db_url: str, stop: signal.Signals, summary: str) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CDC_")}
     env["CDC_DATABASE_URL"] = db_url
     proc = subprocess.Popen([CLI, "listen"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -343,12 +351,16 @@ def test_a_killed_listener_is_named_before_its_heartbeat_goes_stale(db_url: str)
                 assert proc.poll() is None and time.monotonic() < deadline, "the listener did not go live"
                 time.sleep(0.1)
     finally:
-        proc.kill()
-        proc.wait()
+        proc.send_signal(stop)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
     code, checks = report(db_url, f"http://127.0.0.1:{free_port()}")
     assert code != 0
     listener = checks["listener"]
-    assert listener["status"] == "fail" and listener["summary"].startswith("no listener holds the leadership lock")
+    assert listener["status"] == "fail" and listener["summary"].startswith(summary), listener
     assert "systemctl restart cdc-dashboard-listener" in listener["fix"]
 
 
