@@ -186,6 +186,27 @@ def test_paystack_malformed_body_is_400(server: WebhookServer, body: bytes) -> N
     assert table_counts(server) == before
 
 
+@pytest.mark.parametrize(
+    "number",
+    [b"1e999999999", b"-1e999999999", b"1e-999999999", b"9" * 5000],
+)
+def test_absurd_numbers_are_400_not_500(server: WebhookServer, number: bytes) -> None:
+    """Regression: int() of a 1e999999999 reference (or Python's 4300-digit guard) raised outside BadPayload
+    and became a 500; numbers are now bounded before they are converted."""
+    business = server.business(shortcode="600966")
+    before = table_counts(server)
+    for field in (b"reference", b"amount"):
+        body = charge(business)
+        body["data"][field.decode()] = "PLACEHOLDER"
+        raw = json.dumps(body).encode().replace(b'"PLACEHOLDER"', number)
+        assert server.paystack(raw).status_code == 400, (field, number)
+    stk = json.dumps(fixture("mpesa/stk_success")).encode().replace(b"20191219102115", number)
+    assert server.mpesa("stk", stk).status_code == 400
+    c2b = json.dumps(fixture("mpesa/c2b_confirmation_v2")).encode().replace(b'"600966"', number)
+    assert server.mpesa("c2b/confirmation", c2b).status_code == 400
+    assert table_counts(server) == before
+
+
 def test_paystack_other_events_are_acknowledged_and_not_recorded(server: WebhookServer) -> None:
     before = table_counts(server)
     response = server.paystack({"event": "transfer.success", "data": {"reference": "x"}})

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from cdc_dashboard.config import ConfigError, Settings, load_settings
 from cdc_dashboard.ingest import mpesa, paystack
 from cdc_dashboard.ingest.sources import caller_ip, is_allowed, networks
-from cdc_dashboard.ingest.wire import BadPayload, eat_timestamp, iso_timestamp, load_json, minor_units
+from cdc_dashboard.ingest.wire import BadPayload, eat_timestamp, iso_timestamp, load_json, minor_units, optional_text
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "providers"
 
@@ -64,6 +64,19 @@ def test_minor_units_shillings_round_trip(shillings: Decimal) -> None:
     assert minor_units(str(shillings), "Amount", scale=100) == int(shillings * 100)
 
 
+@pytest.mark.parametrize("body", [b'{"a": 1e999999999}', b'{"a": -1e999999999}', b'{"a": 1e-999999999}'])
+def test_absurd_exponents_are_bad_payloads(body: bytes) -> None:
+    doc, _raw = load_json(body)
+    for parse in (
+        lambda v: optional_text(v, "a"),
+        lambda v: minor_units(v, "a", scale=100),
+        lambda v: minor_units(str(v), "a", scale=1),
+        lambda v: eat_timestamp(v, "a"),
+    ):
+        with pytest.raises(BadPayload):
+            parse(doc["a"])
+
+
 def test_kenyan_time_to_utc() -> None:
     expected = datetime(2019, 12, 19, 7, 21, 15, tzinfo=UTC)
     assert eat_timestamp(20191219102115, "t") == expected
@@ -89,7 +102,7 @@ def test_iso_time() -> None:
 
 @pytest.mark.parametrize(
     "body",
-    [b"\xff", b"{", b"NaN", b'{"a": Infinity}', b'{"a": "\\u0000"}', b'{"a": "\\ud800"}', b"[" * 100000],
+    [b"\xff", b"{", b"NaN", b'{"a": Infinity}', b'{"a": "\\u0000"}', b'{"a": "\\ud800"}', b"[" * 100000, b"9" * 5000],
 )
 def test_load_json_refuses_what_postgres_cannot_store(body: bytes) -> None:
     with pytest.raises(BadPayload):

@@ -125,6 +125,27 @@ async def _record(
     return recorded
 
 
+def _never_500(
+    provider: str,
+) -> Callable[[Callable[[Request], Awaitable[Response]]], Callable[[Request], Awaitable[Response]]]:
+    """A bug in parsing must not become a 500 either: log it with its traceback and answer 503, so the
+    provider delivers again once it is fixed."""
+
+    def wrap(endpoint: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
+        @functools.wraps(endpoint)
+        async def guarded(request: Request) -> Response:
+            try:
+                return await endpoint(request)
+            except Exception:
+                log.exception("webhook failed unexpectedly", extra={"provider": provider})
+                return JSONResponse({"error": "could not process the webhook; retry later"}, status_code=503)
+
+        return guarded
+
+    return wrap
+
+
+@_never_500(paystack.PROVIDER)
 async def paystack_webhook(request: Request) -> Response:
     provider = paystack.PROVIDER
     try:
@@ -159,6 +180,7 @@ async def _mpesa_body(request: Request) -> tuple[Any, str]:
     return load_json(await _read_body(request))
 
 
+@_never_500(mpesa.PROVIDER)
 async def mpesa_stk(request: Request) -> Response:
     provider = mpesa.PROVIDER
     try:
@@ -172,6 +194,7 @@ async def mpesa_stk(request: Request) -> Response:
     return recorded if isinstance(recorded, Response) else JSONResponse(STK_ACCEPTED)
 
 
+@_never_500(mpesa.PROVIDER)
 async def mpesa_c2b_validation(request: Request) -> Response:
     """Accept every well-formed payment: validation happens before the money moves, so nothing is recorded."""
     provider = mpesa.PROVIDER
@@ -185,6 +208,7 @@ async def mpesa_c2b_validation(request: Request) -> Response:
     return JSONResponse(C2B_ACCEPTED)
 
 
+@_never_500(mpesa.PROVIDER)
 async def mpesa_c2b_confirmation(request: Request) -> Response:
     provider = mpesa.PROVIDER
     try:

@@ -10,7 +10,7 @@ import json
 import re
 import uuid
 from datetime import UTC, datetime, timedelta, timezone
-from decimal import Decimal, InvalidOperation
+from decimal import Context, Decimal, Inexact, InvalidOperation, Overflow, Underflow, localcontext
 from typing import Any
 
 __all__ = [
@@ -77,6 +77,9 @@ def load_json(body: bytes) -> tuple[Any, str]:
         raise BadPayload(f"not JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
     except RecursionError:
         raise BadPayload("not JSON: nested too deeply") from None
+    except ValueError:
+        # Python refuses integers of more than 4300 digits (CVE-2020-10735 guard) with a plain ValueError.
+        raise BadPayload("not JSON: a number has too many digits") from None
     _storable(doc)
     return doc, text.lstrip("\ufeff")
 
@@ -101,9 +104,16 @@ def optional_text(value: Any, where: str, *, max_length: int = 200) -> str | Non
         return None
     if isinstance(value, bool):
         raise BadPayload(f"{where} must be a string")
+    if isinstance(value, Decimal) and not value.is_finite():
+        raise BadPayload(f"{where} must be a string")
+    # Checked before converting: int() of 1e999999999 would take the process down with it.
+    if (isinstance(value, Decimal) and value.adjusted() >= max_length) or (
+        isinstance(value, int) and abs(value) >= 10**max_length
+    ):
+        raise BadPayload(f"{where} is longer than {max_length} characters")
     if isinstance(value, int):
         text = str(value)
-    elif isinstance(value, Decimal) and value.is_finite() and value == value.to_integral_value():
+    elif isinstance(value, Decimal) and value == value.to_integral_value():
         text = str(int(value))
     elif isinstance(value, str):
         text = value.strip()
@@ -149,9 +159,15 @@ def minor_units(value: Any, where: str, *, scale: int) -> int:
         raise BadPayload(f"{where} must be a non-negative number")
     if amount > Decimal(BIGINT_MAX) / scale:
         raise BadPayload(f"{where} is too large")
-    minor = amount * scale
-    if minor != minor.to_integral_value():
-        raise BadPayload(f"{where} has a fraction of a minor unit ({value})")
+    try:
+        # Exact or an error: an inexact or underflowing product (1e-999999999) must not round to a number.
+        with localcontext(Context(prec=60, traps=[Inexact, Underflow, Overflow, InvalidOperation])):
+            minor = amount * scale
+            whole = minor == minor.to_integral_value()
+    except ArithmeticError:
+        raise BadPayload(f"{where} is not a usable number") from None
+    if not whole:
+        raise BadPayload(f"{where} has a fraction of a minor unit ({str(value)[:40]})")
     return int(minor)
 
 
