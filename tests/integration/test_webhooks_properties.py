@@ -30,6 +30,8 @@ json_scalars = st.one_of(
     st.decimals(allow_nan=False, allow_infinity=False, places=3, min_value=-(10**9), max_value=10**12),
     st.text(max_size=30),
     st.sampled_from(["", "0", "1.00", "5000", "-1", "1e3", "20191219102115", "NaN", "KES", "\u0000", "\ud800"]),
+    # Numbers whose conversion is the danger, not their parsing (they once hung the server).
+    st.sampled_from([Decimal("1E+999999999"), Decimal("-1E-999999999"), Decimal("1E+400"), 10**4000]),
 )
 json_values = st.recursive(
     json_scalars, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3)
@@ -77,8 +79,19 @@ def _mutate(data: st.DataObject, doc: Any) -> Any:
 
 
 def _dumps(doc: Any) -> bytes:
-    # ensure_ascii keeps \u0000 and lone surrogates as escapes, as a provider's serialiser would send them.
-    return json.dumps(doc, default=lambda d: float(d) if isinstance(d, Decimal) else str(d)).encode()
+    """JSON with each Decimal written as its exact number token (1E+999999999 stays that, not inf).
+    ensure_ascii keeps \u0000 and lone surrogates as escapes, as a provider's serialiser would send them."""
+    tokens: dict[str, str] = {}
+
+    def placeholder(value: Any) -> str:
+        key = f"@@number{len(tokens)}@@"
+        tokens[f'"{key}"'] = str(value)
+        return key
+
+    text = json.dumps(doc, default=placeholder)
+    for key, token in tokens.items():
+        text = text.replace(key, token)
+    return text.encode()
 
 
 def _setup(server: WebhookServer) -> uuid.UUID:
