@@ -344,6 +344,22 @@ def test_unconfigured_providers_answer_503_and_record_nothing(db_url: str) -> No
         assert table_counts(bare) == before
 
 
+def test_pooled_connections_cut_by_the_server_are_retried(server: WebhookServer) -> None:
+    """The pool's connections die (as on a PostgreSQL restart); the webhook is recorded on a fresh one, once,
+    and nothing answers 500."""
+    business = server.business()
+    for n in range(3):
+        # Warm several pooled connections, then have the server terminate every one of them.
+        assert server.paystack(charge(business, reference=f"WARM-{n}")).status_code == 200
+    server.query(
+        "select pg_terminate_backend(pid) from pg_stat_activity"
+        " where datname = current_database() and pid <> pg_backend_pid()"
+    )
+    responses = [server.paystack(charge(business, reference="AFTER-CUT")) for _ in range(2)]
+    assert [r.status_code for r in responses] == [200, 200], [r.text for r in responses]
+    assert server.one("select count(*) from payments where provider_reference = 'AFTER-CUT'") == 1
+
+
 def test_body_over_one_megabyte_is_413_and_records_nothing(server: WebhookServer) -> None:
     business = server.business(shortcode="600966")
     big = charge(business)

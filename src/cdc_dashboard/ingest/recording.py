@@ -45,6 +45,12 @@ _RETRYABLE = (
     asyncpg.exceptions.DeadlockDetectedError,
     asyncpg.exceptions.SerializationError,
     asyncpg.exceptions.UniqueViolationError,
+    # A pooled connection that died (server restart, terminated backend, network cut): retry on a fresh one.
+    # Safe even when the commit itself may have happened: recording is idempotent, the retry finds it.
+    asyncpg.exceptions.PostgresConnectionError,
+    asyncpg.exceptions.AdminShutdownError,
+    asyncpg.exceptions.InterfaceError,
+    ConnectionError,
 )
 
 
