@@ -630,3 +630,17 @@ def test_webhooks_answer_within_100_ms(server: WebhookServer) -> None:
         assert server.paystack(charge(business, reference=f"SPEED-{n}")).status_code == 200
         timings.append(time.perf_counter() - started)
     assert statistics.median(timings) < 0.1, timings
+
+
+def test_metrics_count_answers_by_provider_and_result(server: WebhookServer) -> None:
+    business = server.business(shortcode="600966")
+    assert server.paystack(charge(business)).status_code == 200
+    assert server.paystack(charge(business)).status_code == 200
+    assert server.paystack(charge(business), signature="bad").status_code == 401
+    assert server.mpesa("c2b/confirmation", fixture("mpesa/c2b_confirmation_v2")).status_code == 200
+    text = server.http.get("/metrics").text
+    assert 'cdc_webhooks_total{provider="paystack",result="recorded"} 1.0' in text
+    assert 'cdc_webhooks_total{provider="paystack",result="duplicate"} 1.0' in text
+    assert 'cdc_webhooks_total{provider="paystack",result="401"} 1.0' in text
+    assert 'cdc_webhooks_total{provider="mpesa",result="recorded"} 1.0' in text
+    assert 'cdc_webhook_seconds_count{provider="paystack"} 3.0' in text

@@ -11,10 +11,12 @@ from __future__ import annotations
 import functools
 import logging
 import time
+import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import asyncpg
+from prometheus_client import CollectorRegistry, Counter, Histogram
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
@@ -32,6 +34,39 @@ log = logging.getLogger(__name__)
 MAX_BODY_BYTES = 1024 * 1024
 C2B_ACCEPTED = {"ResultCode": "0", "ResultDesc": "Accepted"}
 STK_ACCEPTED = {"ResultCode": 0, "ResultDesc": "Accepted"}
+
+
+class _WebhookMetrics:
+    """`cdc_webhooks_total{provider,result}` and `cdc_webhook_seconds{provider}`, on the app's own registry."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.answers = Counter(
+            "cdc_webhooks",
+            "webhook answers by provider and result (recorded, duplicate, ..., or the HTTP status of a refusal)",
+            ["provider", "result"],
+            registry=registry,
+        )
+        self.seconds = Histogram(
+            "cdc_webhook_seconds",
+            "time to answer a webhook, body read to response",
+            ["provider"],
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0),
+            registry=registry,
+        )
+
+
+_metrics_by_registry: weakref.WeakKeyDictionary[CollectorRegistry, _WebhookMetrics] = weakref.WeakKeyDictionary()
+
+
+def _observe(request: Request, provider: str, result: str, started: float) -> None:
+    registry = getattr(getattr(request.app.state, "metrics", None), "registry", None)
+    if not isinstance(registry, CollectorRegistry):
+        return
+    metrics = _metrics_by_registry.get(registry)
+    if metrics is None:
+        metrics = _metrics_by_registry[registry] = _WebhookMetrics(registry)
+    metrics.answers.labels(provider, result).inc()
+    metrics.seconds.labels(provider).observe(time.perf_counter() - started)
 
 
 class _Rejected(Exception):
@@ -111,6 +146,7 @@ async def _record(
         # A bug must not cost a payment: 503 makes the provider deliver again once it is fixed.
         log.exception("webhook not recorded (unexpected error)", extra={"provider": provider})
         return _rejection(provider, request, 503, "could not record the webhook; retry later")
+    request.scope["cdc.webhook_outcome"] = recorded.outcome
     log.info(
         "webhook %s",
         recorded.outcome,
@@ -134,11 +170,15 @@ def _never_500(
     def wrap(endpoint: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
         @functools.wraps(endpoint)
         async def guarded(request: Request) -> Response:
+            started = time.perf_counter()
             try:
-                return await endpoint(request)
+                response = await endpoint(request)
             except Exception:
                 log.exception("webhook failed unexpectedly", extra={"provider": provider})
-                return JSONResponse({"error": "could not process the webhook; retry later"}, status_code=503)
+                response = JSONResponse({"error": "could not process the webhook; retry later"}, status_code=503)
+            result = request.scope.get("cdc.webhook_outcome") if response.status_code == 200 else None
+            _observe(request, provider, str(result or response.status_code), started)
+            return response
 
         return guarded
 
@@ -163,6 +203,7 @@ async def paystack_webhook(request: Request) -> Response:
         return _rejection(provider, request, 400, str(exc))
     if isinstance(event, paystack.PaystackOther):
         log.info("webhook acknowledged, not recorded", extra={"provider": provider, "event": event.event[:100]})
+        request.scope["cdc.webhook_outcome"] = "ignored"
         return JSONResponse({"received": True, "outcome": "ignored"})
     if isinstance(event, paystack.PaystackCharge):
         charge = event
@@ -201,6 +242,7 @@ async def mpesa_c2b_validation(request: Request) -> Response:
     try:
         doc, _raw = await _mpesa_body(request)
         mpesa.parse_c2b(doc)
+        request.scope["cdc.webhook_outcome"] = "validated"
     except _Rejected as exc:
         return _rejection(provider, request, exc.status, exc.reason)
     except BadPayload as exc:
