@@ -14,8 +14,10 @@ from typing import Any
 
 import pytest
 
+from cdc_dashboard.db import with_database
 from cdc_dashboard.ingest.paystack import sign
 
+from ..pg import clone_database, drop_database
 from .webhook_server import PAYSTACK_SECRET, WebhookServer, fixture, serve_webhooks, table_counts
 
 C2B_ACCEPTED = {"ResultCode": "0", "ResultDesc": "Accepted"}
@@ -25,6 +27,21 @@ C2B_ACCEPTED = {"ResultCode": "0", "ResultDesc": "Accepted"}
 def server(db_url: str) -> Iterator[WebhookServer]:
     with serve_webhooks(db_url) as running:
         yield running
+
+
+@pytest.fixture(scope="module")
+def refusals(admin_url: str, template_db: str) -> Iterator[WebhookServer]:
+    """One server and database for the tests of refused requests: each checks that its request changed no
+    table, which holds on a shared database too, and saves a database per case."""
+    name = clone_database(admin_url, template_db)
+    try:
+        with serve_webhooks(with_database(admin_url, name)) as running:
+            # Something every refused payload would otherwise be recorded against.
+            business = running.business(shortcode="600966")
+            running.pending_stk(business, "ws_CO_191220191020363925", 100)
+            yield running
+    finally:
+        drop_database(admin_url, name)
 
 
 def charge(business_id: uuid.UUID | None = None, **data: Any) -> dict[str, Any]:
@@ -90,13 +107,13 @@ def test_paystack_unknown_business_is_kept_unattributed(server: WebhookServer) -
     "signature",
     [None, "", "0" * 128, "not-hex", sign(PAYSTACK_SECRET, b"{}"), sign("sk_test_other", b"x")],
 )
-def test_paystack_bad_signature_is_401_and_records_nothing(server: WebhookServer, signature: str | None) -> None:
-    server.business()
-    before = table_counts(server)
-    response = server.paystack(charge(), signature=signature)
+def test_paystack_bad_signature_is_401_and_records_nothing(refusals: WebhookServer, signature: str | None) -> None:
+    refusals.business()
+    before = table_counts(refusals)
+    response = refusals.paystack(charge(), signature=signature)
     assert response.status_code == 401
     assert "signature" in response.json()["error"]
-    assert table_counts(server) == before
+    assert table_counts(refusals) == before
 
 
 def test_paystack_signature_is_over_the_raw_bytes(server: WebhookServer) -> None:
@@ -156,14 +173,14 @@ def test_paystack_paid_at_falls_back_to_paidAt(server: WebhookServer) -> None:
     ],
 )
 def test_paystack_missing_or_malformed_fields_are_400(
-    server: WebhookServer, change: dict[str, Any], reason: str
+    refusals: WebhookServer, change: dict[str, Any], reason: str
 ) -> None:
-    business = server.business()
-    before = table_counts(server)
-    response = server.paystack(charge(business, **change))
+    business = refusals.business()
+    before = table_counts(refusals)
+    response = refusals.paystack(charge(business, **change))
     assert response.status_code == 400, response.text
     assert reason in response.json()["error"]
-    assert table_counts(server) == before
+    assert table_counts(refusals) == before
 
 
 @pytest.mark.parametrize(
@@ -179,32 +196,32 @@ def test_paystack_missing_or_malformed_fields_are_400(
         b'{"event": "charge.success", "data": {"reference": "a\\u0000b", "amount": 1, "currency": "KES"}}',
     ],
 )
-def test_paystack_malformed_body_is_400(server: WebhookServer, body: bytes) -> None:
-    before = table_counts(server)
-    response = server.paystack(body)
+def test_paystack_malformed_body_is_400(refusals: WebhookServer, body: bytes) -> None:
+    before = table_counts(refusals)
+    response = refusals.paystack(body)
     assert response.status_code == 400, response.text
-    assert table_counts(server) == before
+    assert table_counts(refusals) == before
 
 
 @pytest.mark.parametrize(
     "number",
     [b"1e999999999", b"-1e999999999", b"1e-999999999", b"9" * 5000],
 )
-def test_absurd_numbers_are_400_not_500(server: WebhookServer, number: bytes) -> None:
+def test_absurd_numbers_are_400_not_500(refusals: WebhookServer, number: bytes) -> None:
     """Regression: int() of a 1e999999999 reference (or Python's 4300-digit guard) raised outside BadPayload
     and became a 500; numbers are now bounded before they are converted."""
-    business = server.business(shortcode="600966")
-    before = table_counts(server)
+    business = refusals.one("select id from businesses where mpesa_shortcode = '600966'")
+    before = table_counts(refusals)
     for field in (b"reference", b"amount"):
         body = charge(business)
         body["data"][field.decode()] = "PLACEHOLDER"
         raw = json.dumps(body).encode().replace(b'"PLACEHOLDER"', number)
-        assert server.paystack(raw).status_code == 400, (field, number)
+        assert refusals.paystack(raw).status_code == 400, (field, number)
     stk = json.dumps(fixture("mpesa/stk_success")).encode().replace(b"20191219102115", number)
-    assert server.mpesa("stk", stk).status_code == 400
+    assert refusals.mpesa("stk", stk).status_code == 400
     c2b = json.dumps(fixture("mpesa/c2b_confirmation_v2")).encode().replace(b'"600966"', number)
-    assert server.mpesa("c2b/confirmation", c2b).status_code == 400
-    assert table_counts(server) == before
+    assert refusals.mpesa("c2b/confirmation", c2b).status_code == 400
+    assert table_counts(refusals) == before
 
 
 def test_paystack_other_events_are_acknowledged_and_not_recorded(server: WebhookServer) -> None:
@@ -502,13 +519,12 @@ def test_c2b_validation_accepts_and_records_nothing(server: WebhookServer) -> No
 
 
 @pytest.mark.parametrize("kind", ["stk", "c2b/validation", "c2b/confirmation"])
-def test_mpesa_bad_token_is_401_and_records_nothing(server: WebhookServer, kind: str) -> None:
-    server.business(shortcode="600966")
-    before = table_counts(server)
+def test_mpesa_bad_token_is_401_and_records_nothing(refusals: WebhookServer, kind: str) -> None:
+    before = table_counts(refusals)
     body = fixture("mpesa/c2b_confirmation_v2" if kind != "stk" else "mpesa/stk_success")
     for token in ("wrong", "cb-" + "t" * 39, "cb-" + "t" * 41):
-        assert server.mpesa(kind, body, token=token).status_code == 401
-    assert table_counts(server) == before
+        assert refusals.mpesa(kind, body, token=token).status_code == 401
+    assert table_counts(refusals) == before
 
 
 @pytest.mark.parametrize(
@@ -522,10 +538,10 @@ def test_mpesa_bad_token_is_401_and_records_nothing(server: WebhookServer, kind:
         b'{"Body": {"stkCallback": {"CheckoutRequestID": "x", "ResultCode": 0}}}',
     ],
 )
-def test_stk_malformed_is_400(server: WebhookServer, body: bytes) -> None:
-    before = table_counts(server)
-    assert server.mpesa("stk", body).status_code == 400
-    assert table_counts(server) == before
+def test_stk_malformed_is_400(refusals: WebhookServer, body: bytes) -> None:
+    before = table_counts(refusals)
+    assert refusals.mpesa("stk", body).status_code == 400
+    assert table_counts(refusals) == before
 
 
 def _stk_for(receipt: str, checkout: str, amount: Any = 5) -> dict[str, Any]:
