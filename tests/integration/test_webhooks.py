@@ -18,7 +18,7 @@ from cdc_dashboard.db import with_database
 from cdc_dashboard.ingest.paystack import sign
 
 from ..pg import clone_database, drop_database
-from .webhook_server import PAYSTACK_SECRET, WebhookServer, fixture, serve_webhooks, table_counts
+from .webhook_server import MPESA_TOKEN, PAYSTACK_SECRET, WebhookServer, fixture, serve_webhooks, table_counts
 
 C2B_ACCEPTED = {"ResultCode": "0", "ResultDesc": "Accepted"}
 
@@ -660,3 +660,21 @@ def test_metrics_count_answers_by_provider_and_result(server: WebhookServer) -> 
     assert 'cdc_webhooks_total{provider="paystack",result="401"} 1.0' in text
     assert 'cdc_webhooks_total{provider="mpesa",result="recorded"} 1.0' in text
     assert 'cdc_webhook_seconds_count{provider="paystack"} 3.0' in text
+
+
+def test_refusals_are_logged_with_their_reason_and_never_the_token(
+    server: WebhookServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("INFO", logger="cdc_dashboard")
+    assert server.paystack(charge(), signature="0" * 128).status_code == 401
+    assert server.mpesa("stk", b"{", token=MPESA_TOKEN).status_code == 400
+    assert server.mpesa("stk", fixture("mpesa/stk_success"), token="guess").status_code == 401
+    rejected = [r for r in caplog.records if r.getMessage().startswith("webhook rejected")]
+    assert [(getattr(r, "provider", None), getattr(r, "status", None)) for r in rejected] == [
+        ("paystack", 401),
+        ("mpesa", 400),
+        ("mpesa", 401),
+    ]
+    assert "x-paystack-signature" in rejected[0].getMessage()
+    assert "not JSON" in rejected[1].getMessage()
+    assert all(MPESA_TOKEN not in (r.getMessage() + str(r.__dict__)) for r in caplog.records)

@@ -120,11 +120,7 @@ def _check_mpesa_caller(request: Request) -> None:
 
 def _rejection(provider: str, request: Request, status: int, reason: str) -> Response:
     # The path is not logged: for M-Pesa it contains the secret token.
-    log.warning(
-        "webhook rejected: %s",
-        reason,
-        extra={"provider": provider, "status": status, "route": request.scope.get("route_name", provider)},
-    )
+    log.warning("webhook rejected: %s", reason, extra={"provider": provider, "status": status})
     return JSONResponse({"error": reason}, status_code=status)
 
 
