@@ -77,6 +77,11 @@ def test_absurd_exponents_are_bad_payloads(body: bytes) -> None:
             parse(doc["a"])
 
 
+def test_byte_order_mark_is_tolerated() -> None:
+    doc, raw = load_json(b'\xef\xbb\xbf{"a": 1.50}')
+    assert doc == {"a": Decimal("1.50")} and raw == '{"a": 1.50}'
+
+
 def test_kenyan_time_to_utc() -> None:
     expected = datetime(2019, 12, 19, 7, 21, 15, tzinfo=UTC)
     assert eat_timestamp(20191219102115, "t") == expected
