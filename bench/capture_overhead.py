@@ -107,8 +107,7 @@ def main() -> int:
         for mode in modes:
             listener = None
             if mode == "live":
-                env = {k: v for k, v in os.environ.items() if not k.startswith("CDC_")}
-                env["CDC_DATABASE_URL"] = url
+                env = dict(os.environ, CDC_DATABASE_URL=url)  # CDC_LISTENER_* tunables pass through
                 listener = subprocess.Popen(
                     [str(Path(sys.executable).parent / "cdc-dashboard"), "listen"],
                     env=env,

@@ -43,6 +43,9 @@ class Settings(BaseSettings):
     sse_send_timeout_seconds: float = Field(default=30.0, gt=0, description="a stream whose send blocks longer is cut")
     cors_origins: str = Field(default="", description="comma-separated origins allowed to call the API from browsers")
     event_retention_days: float = Field(default=7.0, gt=0)
+    listener_linger_ms: float = Field(
+        default=20.0, ge=0, le=1000, description="under load, wait this long for more changes before a batch"
+    )
     state_dir: str = Field(default=".cdc", description="where `run` keeps the embedded database and secret")
     log_level: str = "INFO"
 

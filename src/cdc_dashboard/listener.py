@@ -99,11 +99,15 @@ class EnhancedRealtimeManager:
     standby_poll = 1.0
     sleep_announcement = 60.0  # writers stop notifying this long after a listener vanished
     prune_every = 60.0
+    idle_polls_before_sleep = 5
+    linger_from = 8  # changes in a batch that make the listener linger before the next one
+    idle_poll_interval = 0.002
     prune_batch = 10000
 
     def __init__(self, database_url: str, settings: Settings, *, notifier: Notifier | None = None) -> None:
         self._url = database_url
         self._retention_seconds = settings.event_retention_days * 86400
+        self._linger = settings.listener_linger_ms / 1000
         self._q = queries("listener")
         self._notifier = notifier or Notifier()
         self._stopping = asyncio.Event()
@@ -221,9 +225,24 @@ class EnhancedRealtimeManager:
 
     async def _live(self, conn: asyncpg.Connection) -> None:
         settle_wait = 0.005
+        idle_polls = 0
         while not self._stopping.is_set():
             self._notifier.watchdog()
-            if await self._consume(conn):
+            consumed = await self._consume(conn)
+            if consumed:
+                idle_polls = 0
+                if self.linger_from <= consumed < self.batch_size and self._linger:
+                    # Under load (a batch found many changes) but not saturated: let more gather, so a stream of
+                    # single-row writes becomes fewer, larger batches - each batch is a transaction with its own
+                    # commit, and its per-batch costs compete with the writers for the same cores. At a
+                    # trickle (small batches) nothing waits: latency matters more than throughput there.
+                    await self._interruptible_sleep(self._linger)
+                continue
+            if idle_polls < self.idle_polls_before_sleep:
+                # Changes were flowing a moment ago: a brief poll is cheaper than a sleep/wake round trip
+                # (two updates and, for the writers, NOTIFYs).
+                idle_polls += 1
+                await self._interruptible_sleep(self.idle_poll_interval)
                 continue
             await self._maybe_prune(conn)
             # Quiet: announce sleep, then make sure every writer that might have read "awake" has finished.
