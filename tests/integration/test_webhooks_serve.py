@@ -7,6 +7,7 @@ import uuid
 
 import httpx
 import psycopg
+import pytest
 
 from cdc_dashboard.ingest.paystack import sign
 
@@ -43,3 +44,21 @@ def test_serve_records_webhooks_configured_by_environment(db_url: str) -> None:
             "select method, amount_minor from payments where business_id = %s order by method", (business,)
         )
         assert rows.fetchall() == [("mpesa", 500), ("paystack", 10000)]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="serve() runs uvicorn with proxy_headers on: uvicorn rewrites the peer from X-Forwarded-For for "
+    "127.0.0.1 before CDC_TRUSTED_PROXIES applies; fix: proxy_headers=False in gateway/app.py serve(), then drop this",
+)
+def test_serve_allow_list_believes_forwarded_for_only_from_trusted_proxies(db_url: str) -> None:
+    port = free_port()
+    token = "env-token-" + "z" * 30
+    env = {"CDC_MPESA_CALLBACK_TOKEN": token, "CDC_MPESA_ALLOWED_IPS": "196.201.214.0/24"}
+    body = fixture("mpesa/c2b_confirmation_v2")
+    with serve_subprocess(db_url, port, **env), httpx.Client(base_url=f"http://127.0.0.1:{port}") as http:
+        # 127.0.0.1 is not in CDC_TRUSTED_PROXIES: the header it sends proves nothing.
+        spoofed = http.post(
+            f"/v1/webhooks/mpesa/{token}/c2b/confirmation", json=body, headers={"x-forwarded-for": "196.201.214.9"}
+        )
+        assert spoofed.status_code == 403, spoofed.text
