@@ -81,6 +81,12 @@ returning id
 insert into client_business_transactions (business_id, client_id, payment_id, type, amount_minor, currency)
 values ($1::uuid, $2::uuid, $3::uuid, $4::text, $5::bigint, $6::text)
 
+-- lock_booking_row --
+-- Taken in its own statement before the recomputation below, so that statement's snapshot is taken after
+-- any other payment of this booking committed: two payments completing at once would otherwise each
+-- count only themselves.
+select 1 from bookings where id = $1::uuid for update
+
 -- refresh_booking_payment_status --
 -- paid when the booking's completed payments (in its currency) cover what is due, partially_paid below,
 -- refunded when nothing completed is left but something was refunded; otherwise unchanged. Written only

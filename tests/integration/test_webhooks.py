@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
 
+import psycopg
 import pytest
 
 from cdc_dashboard.db import with_database
@@ -583,6 +584,32 @@ def test_same_receipt_by_c2b_then_stk_is_one_payment(server: WebhookServer) -> N
     assert server.mpesa("stk", _stk_for("RKL51ZDR4F", "ws_CO_B")).status_code == 200
     assert server.mpesa("c2b/confirmation", fixture("mpesa/c2b_confirmation_v2")).status_code == 200
     assert server.one("select count(*) from payment_transactions") == 1
+
+
+def test_two_payments_of_one_booking_at_once_make_it_paid(server: WebhookServer) -> None:
+    """Regression: each completion recomputed the booking from a snapshot that could not see the other's
+    uncommitted payment, so two halves paid at once left the booking partially_paid. To make them overlap for
+    sure, the test holds both clients' find-or-create locks until both requests wait on them."""
+    business = server.business()
+    booking = server.booking(business, 1000)
+    bodies, keys = [], []
+    for half in range(2):
+        checkout = f"ws_CO_HALF_{half}"
+        server.pending_stk(business, checkout, 500, booking)
+        body = _stk_for(f"RCPTHALF{half}", checkout)
+        phone = f"25470000000{half}"
+        body["Body"]["stkCallback"]["CallbackMetadata"]["Item"][3]["Value"] = int(phone)
+        bodies.append(body)
+        keys.append(f"client:phone:{phone}")
+    with psycopg.connect(server.db_url) as gate, ThreadPoolExecutor(2) as pool:
+        for key in keys:  # the same key derivation as sql/queries/ingest.sql lock_key
+            gate.execute("select pg_advisory_xact_lock(hashtextextended(%s, 4242000007))", (key,))
+        futures = [pool.submit(server.mpesa, "stk", body) for body in bodies]
+        time.sleep(0.5)
+        gate.commit()
+        assert [f.result().status_code for f in futures] == [200, 200]
+    assert server.one("select count(*) from payments where status = 'completed'") == 2
+    assert server.one("select payment_status from bookings where id = %s", booking) == "paid"
 
 
 def test_receipt_already_paid_to_another_business_changes_neither(server: WebhookServer) -> None:

@@ -40,7 +40,8 @@ log = logging.getLogger(__name__)
 
 Outcome = Literal["recorded", "failed", "refunded", "duplicate", "merged", "unattributed"]
 
-_ATTEMPTS = 4
+# Enough to get past every dead connection an idle pool may hold after a server restart, and a deadlock.
+_ATTEMPTS = 6
 _RETRYABLE = (
     asyncpg.exceptions.DeadlockDetectedError,
     asyncpg.exceptions.SerializationError,
@@ -50,6 +51,8 @@ _RETRYABLE = (
     asyncpg.exceptions.PostgresConnectionError,
     asyncpg.exceptions.AdminShutdownError,
     asyncpg.exceptions.InterfaceError,
+    # What asyncpg raises when the server's goodbye arrives while it starts the next command.
+    asyncpg.exceptions.InternalClientError,
     ConnectionError,
 )
 
@@ -117,6 +120,7 @@ async def _booking(conn: asyncpg.Connection, booking_id: uuid.UUID | None, busin
 
 async def _refresh_booking(conn: asyncpg.Connection, booking_id: Any) -> None:
     if booking_id is not None:
+        await conn.execute(_q()["lock_booking_row"], booking_id)
         await conn.execute(_q()["refresh_booking_payment_status"], booking_id)
 
 
