@@ -137,7 +137,8 @@ class WebhookServer:
 
 
 def assert_consistent(server: WebhookServer) -> None:
-    """No half-written record: every recorded payment has its ledger and provider rows, and nothing dangles."""
+    """No half-written record: every recorded payment has its ledger and provider rows, nothing dangles, and
+    every booking with a settled payment shows the payment_status its payments give."""
     problems = server.one(
         """
         select
@@ -153,10 +154,18 @@ def assert_consistent(server: WebhookServer) -> None:
              where t.business_id is distinct from p.business_id),
           (select count(*) from payment_transactions t where t.payment_id is null and t.business_id is not null),
           (select count(*) from clients c where not exists (select 1 from payments p where p.client_id = c.id)),
-          (select count(*) from payment_transactions where raw is null)
+          (select count(*) from payment_transactions where raw is null),
+          (select count(*) from bookings bk,
+             lateral (select coalesce(sum(amount_minor) filter (where status = 'completed'), 0) as paid,
+                             count(*) filter (where status in ('completed', 'refunded')) as settled
+                      from payments where booking_id = bk.id and currency = bk.currency) p
+             where p.settled > 0 and bk.payment_status <> case
+                 when p.paid > 0 and p.paid >= bk.amount_due_minor then 'paid'
+                 when p.paid > 0 then 'partially_paid'
+                 else 'refunded' end)
         """
     )
-    assert problems == (0, 0, 0, 0, 0, 0, 0), problems
+    assert problems == (0, 0, 0, 0, 0, 0, 0, 0), problems
 
 
 def table_counts(server: WebhookServer) -> dict[str, int]:
