@@ -282,3 +282,54 @@ async def test_gateway_reconnects_its_listen_connection_and_loses_nothing(db_url
         got = await stream.events(2, timeout=10)
         assert [int(e.id or 0) for e in got] == ids
         assert gw.app_state.hub.reconnects >= 1
+
+
+async def test_client_whose_send_stays_blocked_is_cut_without_more_events(db_url: str) -> None:
+    """A client that stops reading while few events come never fills its buffer: the blocked send is what
+    gives it away, and the hub cuts it after CDC_SSE_SEND_TIMEOUT_SECONDS."""
+    b = _new_business()
+    async with run_gateway(db_url, sse_queue_size=10_000, sse_send_timeout_seconds=0.5) as gw:
+        port = int(gw.url.rsplit(":", 1)[1])
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        loop = asyncio.get_running_loop()
+        await loop.sock_connect(sock, ("127.0.0.1", port))
+        request = f"GET /v1/businesses/{b}/events HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token_for(b)}\r\n\r\n"
+        await loop.sock_sendall(sock, request.encode())
+        head = await asyncio.wait_for(loop.sock_recv(sock, 256), 5)
+        assert head.startswith(b"HTTP/1.1 200")
+        # One burst, then nothing: far more than the socket buffers hold, far less than the stream's buffer.
+        with psycopg.connect(db_url, autocommit=True) as conn:
+            conn.execute(
+                "select dashboard.append_events_v1(array_fill(%s::text, array[1000]), "
+                "array_fill('invalidate'::text, array[1000]), array_fill(%s::jsonb, array[1000]))",
+                (b, json.dumps({"business_id": b, "pad": "x" * 8000})),
+            )
+        async with aiohttp.ClientSession() as session:
+            for _ in range(100):
+                async with session.get(f"{gw.url}/metrics") as response:
+                    text = await response.text()
+                if "cdc_gateway_slow_clients_dropped_total 1.0" in text and "cdc_gateway_open_streams 0.0" in text:
+                    break
+                await asyncio.sleep(0.1)
+        assert "cdc_gateway_slow_clients_dropped_total 1.0" in text
+        assert "cdc_gateway_open_streams 0.0" in text
+        total = 0
+        async with asyncio.timeout(10):
+            while chunk := await loop.sock_recv(sock, 65536):
+                total += len(chunk)
+        sock.close()
+        assert total < 1000 * 8000
+
+
+async def test_head_answers_the_stream_headers_without_a_body(db_url: str) -> None:
+    b = _new_business()
+    async with run_gateway(db_url) as gw, aiohttp.ClientSession() as session:
+        url = f"{gw.url}/v1/businesses/{b}/events"
+        async with asyncio.timeout(5), session.head(url, headers={"Authorization": f"Bearer {token_for(b)}"}) as r:
+            assert r.status == 200
+            assert r.headers["Content-Type"].startswith("text/event-stream")
+            assert r.headers["Cache-Control"] == "no-cache, no-transform"
+        # The HEAD request held no place in the hub.
+        assert gw.app_state.hub.subscriber_count == 0

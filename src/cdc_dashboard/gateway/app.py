@@ -85,7 +85,12 @@ def create_app(settings: Settings, database_url: str, *, with_listener: bool = F
         app.state.pool = await asyncpg.create_pool(
             database_url, min_size=1, max_size=10, timeout=10, command_timeout=30
         )
-        hub = Hub(database_url, metrics, recent_events=settings.sse_replay_memory_events)
+        hub = Hub(
+            database_url,
+            metrics,
+            recent_events=settings.sse_replay_memory_events,
+            send_timeout=settings.sse_send_timeout_seconds,
+        )
         app.state.hub = hub
         listener_task: asyncio.Task[None] | None = None
         try:

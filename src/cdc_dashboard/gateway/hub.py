@@ -59,30 +59,32 @@ def encode_event(event_id: int, kind: str, payload: str) -> bytes:
 class Subscriber:
     """One stream's buffer of events. Only the event loop's thread touches it.
 
-    Kept small on purpose (a plain list and a future made only while waiting): a gateway holds one per open
-    connection, 10,000 of them and more.
+    Kept small on purpose (a plain list, a future made only while waiting, one timer): a gateway holds one
+    per open connection, 10,000 of them and more, and wakes every one of them for a broadcast.
     """
 
-    __slots__ = ("_waiter", "business_id", "closed_reason", "items", "limit", "on_cut")
+    __slots__ = ("_timer", "_waiter", "business_id", "closed_reason", "items", "limit", "on_cut", "sending_since")
 
     def __init__(self, business_id: str, limit: int) -> None:
         self.business_id = business_id
         self.limit = limit
         self.items: list[HubEvent] = []
         self._waiter: asyncio.Future[None] | None = None
-        # Set when the stream must end: "slow" (buffer overflow), "draining" (SIGTERM), "closed" (hub stopped).
+        self._timer: asyncio.TimerHandle | None = None
+        # Set when the stream must end: "slow" (buffer overflow or a send blocked too long), "draining"
+        # (SIGTERM), "disconnected" (the client left), "closed" (the stream or the hub stopped).
         self.closed_reason: str | None = None
         # Aborts the response at once (its send may be blocked on a client that stopped reading).
         self.on_cut: Callable[[], None] | None = None
+        # Loop time at which the stream's current send began; None when it is not sending.
+        self.sending_since: float | None = None
 
     def push(self, event: HubEvent) -> bool:
         """Buffer an event; False when the buffer was full (the subscriber is then cut)."""
         if self.closed_reason is not None:
             return True
         if len(self.items) >= self.limit:
-            self.close("slow")
-            if self.on_cut is not None:
-                self.on_cut()
+            self.cut()
             return False
         self.items.append(event)
         self._wake()
@@ -96,23 +98,50 @@ class Subscriber:
     def close(self, reason: str) -> None:
         if self.closed_reason is None:
             self.closed_reason = reason
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         self._wake()
+
+    def cut(self) -> None:
+        """The client stopped reading: end the stream now, even in the middle of a send (once)."""
+        self.close("slow")
+        on_cut, self.on_cut = self.on_cut, None
+        if on_cut is not None:
+            on_cut()
 
     def _wake(self) -> None:
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    async def wait(self, deadline: float) -> None:
-        """Until an event is buffered, the subscriber is closed, or loop time `deadline` passes."""
-        if self.items or self.closed_reason is not None:
+    def wake_at(self, when: float) -> None:
+        """Make `wait` return at loop time `when` (the stream's next heartbeat or its token's expiry).
+
+        One timer per stream, replaced only when the deadline moves: events do not move it, so a delivery
+        costs no timer (a timeout around every wait did: one timer made and cancelled per event per stream).
+        """
+        timer = self._timer
+        if timer is not None:
+            if timer.when() == when:
+                return
+            timer.cancel()
+        if self.closed_reason is None:
+            self._timer = asyncio.get_running_loop().call_at(when, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._wake()
+
+    async def wait(self) -> None:
+        """Until an event is buffered, the subscriber is closed, or the time given to `wake_at` passes.
+
+        Returns at once when the timer has already fired: the caller reads the clock after every wake."""
+        if self.items or self.closed_reason is not None or self._timer is None:
             return
-        loop = asyncio.get_running_loop()
-        self._waiter = loop.create_future()
+        self._waiter = asyncio.get_running_loop().create_future()
         try:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout_at(deadline):
-                    await self._waiter
+            await self._waiter
         finally:
             self._waiter = None
 
@@ -121,11 +150,19 @@ class Hub:
     """Owns the LISTEN connection and the subscribers; `start()` returns once listening and caught up."""
 
     def __init__(
-        self, database_url: str, metrics: GatewayMetrics, *, probe_seconds: float = 5.0, recent_events: int = 10_000
+        self,
+        database_url: str,
+        metrics: GatewayMetrics,
+        *,
+        probe_seconds: float = 5.0,
+        recent_events: int = 10_000,
+        send_timeout: float = 30.0,
     ) -> None:
         self._url = database_url
         self._metrics = metrics
         self._probe_seconds = probe_seconds
+        self._send_timeout = send_timeout
+        self._stall_check: asyncio.TimerHandle | None = None
         self._by_business: dict[str, set[Subscriber]] = {}
         self._count = 0
         self._wake = asyncio.Event()
@@ -186,11 +223,28 @@ class Hub:
             for sub in subs:
                 sub.close("draining")
 
+    def _cut_stalled(self) -> None:
+        """Cut every stream whose send has been blocked longer than `send_timeout`, then look again later.
+
+        A client that stopped reading while no events came never fills its buffer; this is what ends it. One
+        timer for the whole hub, not one per send: a broadcast does a send per stream.
+        """
+        loop = asyncio.get_running_loop()
+        too_old = loop.time() - self._send_timeout
+        for subs in self._by_business.values():
+            for sub in subs:
+                if sub.sending_since is not None and sub.sending_since < too_old and sub.on_cut is not None:
+                    self._metrics.slow_clients_dropped.inc()
+                    log.warning("slow client cut: a send stayed blocked", extra={"business_id": sub.business_id})
+                    sub.cut()
+        self._stall_check = loop.call_later(max(0.1, self._send_timeout / 4), self._cut_stalled)
+
     # -- lifecycle -----------------------------------------------------------------------------------------
 
     async def start(self, timeout: float = 30.0) -> None:
         """Start listening; returns once the first LISTEN is in place (or raises after `timeout`)."""
         self._task = asyncio.create_task(self._run(), name="gateway-hub")
+        self._cut_stalled()
         waiter = asyncio.ensure_future(self.listening.wait())
         done, _ = await asyncio.wait({waiter, self._task}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         if waiter not in done:
@@ -202,6 +256,8 @@ class Hub:
     async def stop(self) -> None:
         self._stopping = True
         self._wake.set()
+        if self._stall_check is not None:
+            self._stall_check.cancel()
         for subs in list(self._by_business.values()):
             for sub in subs:
                 sub.close("closed")

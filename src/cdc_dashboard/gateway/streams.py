@@ -17,23 +17,19 @@ import asyncio
 import json
 import logging
 import random
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncGenerator, AsyncIterator
 
-import anyio
 import asyncpg
-from sse_starlette import EventSourceResponse
 from sse_starlette.event import ServerSentEvent
-from sse_starlette.sse import SendTimeoutError
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
-from starlette.types import Receive, Scope, Send
 
 from ..config import Settings
 from ..sqlfiles import queries
 from .auth import TokenClaims, authorize
+from .eventstream import EventStreamResponse
 from .hub import SEP, Hub, HubEvent, Subscriber, encode_event
 from .metrics import GatewayMetrics
 
@@ -68,29 +64,6 @@ def _last_event_id(request: Request) -> int | None:
     return value
 
 
-class _EventStream(EventSourceResponse):
-    """An SSE response that always releases its subscriber and can be cut at once (a client that stopped
-    reading leaves its send blocked; cancelling is the only way out)."""
-
-    def __init__(self, hub: Hub, sub: Subscriber, metrics: GatewayMetrics, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self._hub = hub
-        self._sub = sub
-        self._metrics = metrics
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            with anyio.CancelScope() as cancel:
-                self._sub.on_cut = cancel.cancel
-                await super().__call__(scope, receive, send)
-        except SendTimeoutError:
-            self._metrics.slow_clients_dropped.inc()
-            log.warning("slow client cut: a send timed out", extra={"business_id": self._sub.business_id})
-        finally:
-            self._sub.on_cut = None
-            self._hub.unsubscribe(self._sub)
-
-
 async def _events(
     request: Request,
     sub: Subscriber,
@@ -98,7 +71,7 @@ async def _events(
     last_id: int | None,
     start: int,
     recent: list[HubEvent] | None,
-) -> AsyncIterator[bytes]:
+) -> AsyncGenerator[bytes, None]:
     metrics: GatewayMetrics = request.app.state.metrics
     yield ServerSentEvent(retry=RETRY_MS, sep=SEP).encode()
     sent = start if last_id is None else last_id
@@ -125,13 +98,15 @@ async def _events(
     ping_every: float = request.app.state.settings.sse_ping_seconds
     next_ping = loop.time() + ping_every
     while True:
-        await sub.wait(min(expiry, next_ping))
-        for event in sub.take():
-            if event.id <= sent:
-                continue  # already replayed
-            sent = event.id
-            metrics.events_sent.inc()
-            yield event.encoded
+        sub.wake_at(min(expiry, next_ping))
+        await sub.wait()
+        # Frames are shared by every stream of the business (built once per event by the hub); several events
+        # buffered while this stream was busy go out in one write.
+        events = [event for event in sub.take() if event.id > sent]  # the others were replayed already
+        if events:
+            sent = events[-1].id
+            metrics.events_sent.inc(len(events))
+            yield events[0].encoded if len(events) == 1 else b"".join(event.encoded for event in events)
         if sub.closed_reason == "draining":
             retry = random.randint(*DRAIN_RETRY_MS)
             yield ServerSentEvent(comment="server shutting down", retry=retry, sep=SEP).encode()
@@ -192,21 +167,10 @@ async def stream_events(request: Request) -> Response:
     # In the same step as the subscription (no await between): memory holds (last_id, start], the subscriber
     # everything after `start`.
     recent = hub.recent_after(business_id, last_id) if last_id is not None else None
-    return _EventStream(
-        hub,
-        sub,
-        metrics,
-        content=_events(request, sub, claims, last_id, start, recent),
-        headers=SSE_HEADERS,
-        # Heartbeats come from the stream's own wait (above), not from a ping task per connection: that task
-        # and its timer cost memory at 10,000 connections (docs/BENCHMARKS.md).
-        ping=0,
-        sep=SEP,
-        send_timeout=settings.sse_send_timeout_seconds,
-        # SIGTERM: our drain ends the streams first (hub.drain, with a jittered retry); sse-starlette's own
-        # shutdown watcher would cancel them at once without one.
-        shutdown_grace_period=3.0,
-    )
+    # Heartbeats, expiry and the SIGTERM drain come from the body's own wait (above), not from tasks per
+    # connection: those cost memory and CPU at 10,000 connections (docs/BENCHMARKS.md).
+    body = _events(request, sub, claims, last_id, start, recent)
+    return EventStreamResponse(body, sub, on_end=lambda: hub.unsubscribe(sub), headers=SSE_HEADERS)
 
 
 routes: list[BaseRoute] = [Route("/v1/businesses/{business_id}/events", stream_events, methods=["GET"])]
