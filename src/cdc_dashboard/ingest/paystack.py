@@ -106,7 +106,7 @@ def _charge(data: dict[str, Any]) -> PaystackCharge:
         amount_minor=minor_units(data.get("amount"), "data.amount", scale=1),
         currency=currency_code(data.get("currency"), "data.currency"),
         paid_at=iso_timestamp(data.get(paid_at_field.removeprefix("data.")), paid_at_field),
-        email=email.lower() if email else None,
+        email=email,  # as given; clients are matched case-insensitively
         customer_name=_customer_name(customer),
         phone=optional_text(customer.get("phone"), "data.customer.phone", max_length=40),
         business_id=optional_uuid(metadata.get("business_id")),
