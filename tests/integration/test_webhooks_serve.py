@@ -7,7 +7,6 @@ import uuid
 
 import httpx
 import psycopg
-import pytest
 
 from cdc_dashboard.ingest.paystack import sign
 
@@ -46,11 +45,6 @@ def test_serve_records_webhooks_configured_by_environment(db_url: str) -> None:
         assert rows.fetchall() == [("mpesa", 500), ("paystack", 10000)]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="serve() runs uvicorn with proxy_headers on: uvicorn rewrites the peer from X-Forwarded-For for "
-    "127.0.0.1 before CDC_TRUSTED_PROXIES applies; fix: proxy_headers=False in gateway/app.py serve(), then drop this",
-)
 def test_serve_allow_list_believes_forwarded_for_only_from_trusted_proxies(db_url: str) -> None:
     port = free_port()
     token = "env-token-" + "z" * 30

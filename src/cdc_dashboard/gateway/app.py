@@ -232,6 +232,9 @@ def serve(
         port=settings.http_port,
         log_config=None,
         access_log=False,
+        # X-Forwarded-For is believed only from CDC_TRUSTED_PROXIES (ingest's allow-list does that); uvicorn's
+        # own proxy handling would trust it from 127.0.0.1 and rewrite the peer before our check runs.
+        proxy_headers=False,
         lifespan="on",
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
         **uvicorn_options,
