@@ -89,7 +89,7 @@ def cmd_token(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     from .demo_run import run_demo
 
-    return run_demo(settings, seed=args.seed)
+    return run_demo(settings, seed=args.seed, rate=args.rate)
 
 
 def cmd_simulate(args: argparse.Namespace, settings: Settings) -> int:
@@ -182,6 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", help="zero-setup demo: embedded PostgreSQL, demo data, live dashboard")
     run.add_argument("--seed", type=int, default=254, help="demo data seed (default 254)")
+    run.add_argument(
+        "--rate", type=float, default=0.5, help="simulated payment activities per second (default 0.5; 0: none)"
+    )
     run.set_defaults(handler=cmd_run)
 
     return parser

@@ -18,6 +18,7 @@ from .gateway.app import serve
 from .gateway.auth import create_token
 from .logs import configure_logging
 from .migrations import apply
+from .simulate import SimulateOptions, SimulationThread
 
 __all__ = ["ensure_secret", "run_demo"]
 
@@ -41,8 +42,9 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
-def run_demo(settings: Settings, *, seed: int) -> int:
+def run_demo(settings: Settings, *, seed: int, rate: float) -> int:
     server = None
+    simulation = None
     url = settings.database_url
     if url is None:
         print(
@@ -51,6 +53,7 @@ def run_demo(settings: Settings, *, seed: int) -> int:
         )
         server = start_embedded(settings.state_dir)
         url = server.get_uri()
+    database_url = url
     try:
         for line in apply(url):
             print(line, flush=True)
@@ -69,6 +72,12 @@ def run_demo(settings: Settings, *, seed: int) -> int:
         print(f"PostgreSQL: {url}", flush=True)
 
         def announce() -> None:
+            nonlocal simulation
+            if rate > 0:
+                # Keep the demo dashboard moving: payments through the real write path (ingest), a few a minute.
+                options = SimulateOptions(rate=rate, businesses=len(businesses), direct=True, seed=seed, progress=False)
+                simulation = SimulationThread(settings, database_url, options).start()
+                print(f"simulating payments: {rate:g} activities/s (--rate 0 to stop)", flush=True)
             print(f"Press Ctrl-C to stop. Open the live dashboard:\n{dashboard_url}", flush=True)
 
         # uvicorn handles SIGINT/SIGTERM itself and re-raises them once it has stopped: both end up here as
@@ -81,6 +90,8 @@ def run_demo(settings: Settings, *, seed: int) -> int:
     except KeyboardInterrupt:
         pass
     finally:
+        if simulation is not None:
+            simulation.stop()
         if server is not None:
             print("stopping the embedded PostgreSQL ...", flush=True)
             server.cleanup()
