@@ -22,13 +22,11 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
 import psycopg
 
-from cdc_dashboard.db import with_database
-from cdc_dashboard.migrations import apply
+from scratch import scratch_database
 
 ROOT = Path(__file__).resolve().parents[1]
 BUSINESSES = 1000
@@ -94,13 +92,7 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--mode", choices=["live", "stopped", "both"], default="both")
     args = parser.parse_args()
-    admin = os.environ.get("CDC_BENCH_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
-    name = f"cdc_bench_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'create database "{name}"')
-    url = with_database(admin, name)
-    try:
-        apply(url)
+    with scratch_database() as url:
         with psycopg.connect(url, autocommit=True) as conn:
             conn.execute(SETUP.format(n=BUSINESSES))
         modes = ["stopped", "live"] if args.mode == "both" else [args.mode]
@@ -127,9 +119,6 @@ def main() -> int:
                 f" change-log backlog at end {left})",
                 flush=True,
             )
-    finally:
-        with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute(f'drop database if exists "{name}" with (force)')
     return 0
 
 

@@ -24,8 +24,7 @@ from pathlib import Path
 
 import psycopg
 
-from cdc_dashboard.db import with_database
-from cdc_dashboard.migrations import apply
+from scratch import scratch_database
 
 
 def write(url: str, businesses: list[str], count: int, offset: int) -> None:
@@ -43,13 +42,7 @@ def main() -> int:
     parser.add_argument("--changes", type=int, default=30000)
     parser.add_argument("--businesses", type=int, default=1000)
     args = parser.parse_args()
-    admin = os.environ.get("CDC_BENCH_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
-    name = f"cdc_bench_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'create database "{name}"')
-    url = with_database(admin, name)
-    try:
-        apply(url)
+    with scratch_database() as url:
         businesses = [str(uuid.uuid4()) for _ in range(args.businesses)]
         with psycopg.connect(url, autocommit=True) as conn, conn.cursor() as cur:
             cur.executemany("insert into businesses (id, name) values (%s, 'Bench')", [(b,) for b in businesses])
@@ -86,9 +79,6 @@ def main() -> int:
             f"live again {ready:.2f} s after start (process start, connect, catch-up); backlog left {left};"
             f" {total / ready:,.0f} changes/s, {events / ready:,.0f} events/s ({events} events)"
         )
-    finally:
-        with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute(f'drop database if exists "{name}" with (force)')
     return 0
 
 
