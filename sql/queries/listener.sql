@@ -58,9 +58,14 @@ update cdc.wake_state set sleeping_until = now() + make_interval(secs => $1)
 update cdc.wake_state set sleeping_until = null
 
 -- writers_settled --
--- True when no open transaction can have read the old sleep announcement: writers hold this lock shared
--- from their first change until they commit. Never waits.
-select case when pg_try_advisory_lock(4242000001) then pg_advisory_unlock(4242000001) else false end
+-- True when no open transaction can have read the old sleep announcement: a transaction that wrote to the
+-- change log holds RowExclusiveLock on it until it ends (fast-path locks included in pg_locks). Never waits.
+select not exists (
+    select 1 from pg_locks
+     where locktype = 'relation' and relation = 'cdc.change_log'::regclass
+       and database = (select oid from pg_database where datname = current_database())
+       and mode = 'RowExclusiveLock' and pid <> pg_backend_pid()
+)
 
 -- prune_events --
 with doomed as (

@@ -209,3 +209,19 @@ async def test_old_events_are_pruned_in_batches_and_marked(db_url: str) -> None:
             )
         remaining = conn.execute("select min(id), count(*) from dashboard.events").fetchone()
         assert remaining == (21, 5)
+
+
+async def test_a_writer_that_read_awake_before_the_sleep_announcement_is_still_seen_at_once(db_url: str) -> None:
+    """The lost-wake-up race: a writer checks the announcement while the listener is awake (so it will not
+    NOTIFY) and commits after the listener announced sleep. The listener must not sleep through it."""
+    with psycopg.connect(db_url, autocommit=True) as setup:
+        b = new_business(setup)
+        assert setup.execute("select sleeping_until from cdc.wake_state").fetchone() == (None,)  # "awake"
+    with psycopg.connect(db_url) as writer:
+        payment = pay(writer, b)  # reads "awake": this transaction will not notify
+        async with running_listener(db_url, probe_interval=30.0):
+            await asyncio.sleep(0.3)  # the listener tries to sleep while the writer is still open
+            writer.commit()
+            committed = time.monotonic()
+            await wait_for(lambda: payment in payment_ids_in_events(db_url), timeout=10, interval=0.01)
+            assert time.monotonic() - committed < 2.0, "seen without a NOTIFY, long before the 30 s probe"
