@@ -133,6 +133,12 @@ def main() -> int:
     parser.add_argument("--broadcasts", type=int, default=5)
     parser.add_argument("--clients", type=int, default=1, help="client processes sharing the connections")
     parser.add_argument("--interval", type=float, default=3.0, help="seconds between broadcasts (default 3)")
+    parser.add_argument(
+        "--settle",
+        type=float,
+        default=2.0,
+        help="seconds between the last connection and the first measurement (default 2)",
+    )
     parser.add_argument("--client", nargs=6, help=argparse.SUPPRESS)
     args = parser.parse_args()
     _raise_fd_limit()
@@ -207,7 +213,7 @@ def main() -> int:
             connected += report["connected"]
             failures += report["failures"]
         connect_seconds = time.monotonic() - started
-        time.sleep(2)  # let the gateway settle (allocator, GC)
+        time.sleep(args.settle)  # let the gateway settle (allocator, GC)
         rss_after = _rss_kib(gateway.pid)
 
         # The gateway's CPU while idle (heartbeats only), to subtract from the broadcasts' share.

@@ -34,6 +34,7 @@ from ..errors import UserError
 from ..sqlfiles import queries
 from ..systemd import Notifier
 from . import figures, ops, page, streams, webhooks
+from .heap import HeapKeeper
 from .hub import Hub
 from .metrics import GatewayMetrics
 
@@ -93,8 +94,11 @@ def create_app(settings: Settings, database_url: str, *, with_listener: bool = F
         )
         app.state.hub = hub
         listener_task: asyncio.Task[None] | None = None
+        # Open streams are long-lived objects: keep the garbage collector from walking them on every broadcast.
+        heap = HeapKeeper()
         try:
             await hub.start()
+            heap.start()
             if with_listener:
                 listener_task = _start_listener(app, database_url, settings)
             log.info("gateway started", extra={"node": hub.node, "position": hub.position})
@@ -106,6 +110,7 @@ def create_app(settings: Settings, database_url: str, *, with_listener: bool = F
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(listener_task, timeout=_CLOSE_TIMEOUT * 2)
             await hub.stop()
+            heap.stop()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(app.state.pool.close(), timeout=_CLOSE_TIMEOUT)
             log.info("gateway stopped")

@@ -7,8 +7,9 @@ The order of things is what makes the stream lossless:
    or send `resync` first when N is older than retained history;
 3. continue with the subscriber's buffer, dropping what the replay already sent (ids only grow).
 
-The stream ends when the token expires, when the client stops reading (its buffer fills: it resumes by id),
-and on SIGTERM, with a jittered `retry:` so dashboards do not all reconnect to the next replica at once.
+The stream ends when the token expires, when the client goes away, when it stops reading (its buffer fills,
+or a send stays blocked: it resumes by id), and on SIGTERM, with a jittered `retry:` so dashboards do not all
+reconnect to the next replica at once.
 """
 
 from __future__ import annotations
