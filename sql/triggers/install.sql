@@ -110,8 +110,12 @@ begin
         insert into cdc.change_log (table_name, op, business_id, row_id, old_values)
         values (%2$L, 'DELETE', old.%3$I::text, old.%4$I::text, %6$s);
     end if;
+    -- cdc.wake_v1, inlined: a function call per writing transaction is measurable on the write path.
     if current_setting('cdc.wake_checked_v1', true) is distinct from 'y' then
-        perform cdc.wake_v1();
+        perform set_config('cdc.wake_checked_v1', 'y', true);
+        if exists (select 1 from cdc.wake_state where sleeping_until > now()) then
+            perform pg_notify('cdc_wake_v1', '');
+        end if;
     end if;
     return null;
 end $body$
