@@ -25,8 +25,8 @@ test: $(STAMP) ## run the test suite (CDC_TEST_DATABASE_URL, else Docker, else e
 	$(BIN)/pytest -q
 
 lint: $(STAMP) ## ruff and mypy --strict
-	$(BIN)/ruff check src tests
-	$(BIN)/ruff format --check src tests
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
 	$(BIN)/mypy
 
 bench-capture: $(STAMP) ## capture overhead benchmark (pgbench, 8 writers); needs CDC_DATABASE_URL

@@ -28,7 +28,9 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import asyncpg
@@ -87,10 +89,11 @@ async def bench_query(url: str, n: int) -> None:
     try:
         whale, rest = await ids(conn)
         q = queries("figures")["stats"]
-        for label, pick in (
+        pickers: list[tuple[str, Callable[[], Any]]] = [
             ("stats query, random business", lambda: random.choice(rest)),
             ("stats query, 100k-payment business", lambda: whale),
-        ):
+        ]
+        for label, pick in pickers:
             ms: list[float] = []
             for _ in range(n):
                 b = pick()
@@ -180,11 +183,12 @@ async def bench_maintenance(url: str) -> None:
                 " incl. the 100k business" if with_whale else ""
             )
             print(summary(label, ms[3:]), flush=True)
-        for label, pick in (
+        rebuilds: list[tuple[str, Callable[[], list[Any]]]] = [
             ("rebuild_aggregates_v2, one ~90-payment business", lambda: [random.choice(rest)]),
             ("rebuild_aggregates_v2, the 100k-payment business", lambda: [whale]),
             ("rebuild_aggregates_v2, 50 businesses at once", lambda: random.sample(rest, 50)),
-        ):
+        ]
+        for label, pick in rebuilds:
             ms = []
             for _ in range(8):
                 tr = conn.transaction()
