@@ -63,11 +63,23 @@ def summary(name: str, ms: list[float]) -> str:
     )
 
 
-def load(url: str) -> None:
+def load(url: str, payments: int = 1_000_000) -> None:
+    """Apply the schema, load bench/figures_data.sql (`payments` payments over 10k businesses), build the
+    aggregates once. Shared with bench/e2e_latency.py."""
     t0 = time.monotonic()
     apply(url)
     subprocess.run(
-        ["psql", "-q", "-v", "ON_ERROR_STOP=1", url, "-f", str(ROOT / "bench" / "figures_data.sql")],
+        [
+            "psql",
+            "-q",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-v",
+            f"payments={payments}",
+            url,
+            "-f",
+            str(ROOT / "bench" / "figures_data.sql"),
+        ],
         check=True,
         stdout=subprocess.DEVNULL,
     )

@@ -7,6 +7,14 @@
 --
 -- Capture triggers are bypassed for the load (session_replication_role = replica): the benchmark is about
 -- reading and rebuilding figures, not about capturing a bulk load.
+--
+-- `psql -v payments=N` loads N payments instead (bookings scale with it, 3 per 10 payments; business #1 keeps
+-- its 10%); bench/e2e_latency.py uses that for quick runs.
+
+\if :{?payments}
+\else
+  \set payments 1000000
+\endif
 
 set session_replication_role = replica;
 
@@ -28,8 +36,8 @@ select b.id, c.id, 100 * (1 + g % 500), 'KES',
        (array['pending', 'confirmed', 'completed', 'cancelled', 'no_show'])[1 + g % 5],
        (array['unpaid', 'pending', 'partially_paid', 'paid', 'refunded'])[1 + (g / 5) % 5],
        now() - (g % 730) * interval '1 day'
-  from generate_series(1, 300000) as g
-  join bench_biz b on b.n = case when g <= 30000 then 1 else 2 + g % 9999 end
+  from generate_series(1, :payments * 3 / 10) as g
+  join bench_biz b on b.n = case when g <= :payments * 3 / 100 then 1 else 2 + g % 9999 end
   join bench_client c on c.n = 1 + (g::bigint * 7919) % 200000;
 
 insert into payments (business_id, client_id, amount_minor, currency, method, status, provider, provider_reference,
@@ -44,9 +52,9 @@ select b.id,
        'bench', 'ref-' || g,
        case when g % 100 < 85 then ts + interval '2 minutes' end,
        ts
-  from generate_series(1, 1000000) as g
+  from generate_series(1, :payments) as g
   cross join lateral (select now() - ((g::bigint * 7) % 730) * interval '1 day' - (g % 86400) * interval '1 second') as t(ts)
-  join bench_biz b on b.n = case when g <= 100000 then 1 else 2 + g % 9999 end
+  join bench_biz b on b.n = case when g <= :payments / 10 then 1 else 2 + g % 9999 end
   join bench_client c on c.n = 1 + (g::bigint * 104729) % 200000;
 
 insert into payment_transactions (business_id, payment_id, provider, amount_minor, currency, status, created_at)
