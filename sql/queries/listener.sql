@@ -79,13 +79,3 @@ with doomed as (
      where exists (select 1 from deleted)
 )
 select count(*) from deleted
-
--- backlog --
-select count(*)::bigint as backlog,
-       extract(epoch from now() - min(captured_at))::float8 as lag_seconds
-  from cdc.change_log
-
--- oldest_open_transaction --
-select extract(epoch from now() - min(xact_start))::float8
-  from pg_stat_activity
- where backend_xid is not null and pid <> pg_backend_pid()
