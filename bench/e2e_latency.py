@@ -62,10 +62,10 @@ import aiohttp
 import asyncpg
 import psycopg
 
-from cdc_dashboard.db import with_database
 from cdc_dashboard.gateway.auth import create_token
 from cdc_dashboard.sqlfiles import queries
 from figures import load  # bench/figures.py: run as a script, bench/ is on sys.path
+from scratch import scratch_database, wait_ready
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRET = "bench-e2e-latency-" + "e" * 40
@@ -355,22 +355,6 @@ def _analyse(
     }
 
 
-def _wait_ready(port: int, proc: subprocess.Popen[bytes], seconds: float = 60) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the gateway exited with {proc.returncode}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
-                sock.sendall(b"GET /readyz HTTP/1.0\r\n\r\n")
-                if sock.recv(64).startswith(b"HTTP/1.1 200"):
-                    return
-        except OSError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError("the gateway did not become ready")
-
-
 def _stop(proc: subprocess.Popen[Any]) -> None:
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
@@ -411,7 +395,7 @@ def run(url: str, args: argparse.Namespace) -> int:
             command, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_raise_fd_limit
         )
         procs.append(gateway)
-        _wait_ready(port, gateway)
+        wait_ready(port, gateway)
         time.sleep(2)  # the listener's first catch-up (nothing to catch up: the history bypassed capture)
 
         watched = businesses[: args.clients]
@@ -557,22 +541,11 @@ def main() -> int:
     if args.businesses > 9999:
         parser.error("--businesses: the history has 9,999 businesses besides the large one")
 
-    admin = os.environ.get("CDC_BENCH_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
-    name = args.database or f"bench_e2e_{uuid.uuid4().hex[:8]}"
-    url = with_database(admin, name)
-    if not args.database:
-        with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute(f'create database "{name}"')
-    try:
-        if not args.database:
-            load(url, args.payments_history)
+    def prepare(url: str) -> None:
+        load(url, args.payments_history)
+
+    with scratch_database("bench_e2e", reuse=args.database, keep=args.keep, prepare=prepare) as url:
         return run(url, args)
-    finally:
-        if not args.database and not args.keep:
-            with psycopg.connect(admin, autocommit=True) as conn:
-                conn.execute(f'drop database if exists "{name}" with (force)')
-        elif not args.database:
-            print(f"kept database {name}", flush=True)
 
 
 if __name__ == "__main__":

@@ -37,9 +37,8 @@ from pathlib import Path
 
 import psycopg
 
-from cdc_dashboard.db import with_database
 from cdc_dashboard.gateway.auth import create_token
-from cdc_dashboard.migrations import apply
+from scratch import scratch_database, wait_ready
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRET = "bench-fanout-" + "b" * 40
@@ -151,131 +150,117 @@ def main() -> int:
         asyncio.run(_client(int(port), business, token, int(count), int(broadcasts), Path(out)))
         return 0
 
-    admin = os.environ.get("CDC_BENCH_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
-    name = f"bench_fanout_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'create database "{name}"')
-    db = with_database(admin, name)
-    port = _free_port()
-    business = str(uuid.uuid4())
-    token = create_token(SECRET, [business], 3600)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CDC_")}
-    env.update(
-        CDC_DATABASE_URL=db,
-        CDC_SECRET=SECRET,
-        CDC_HTTP_PORT=str(port),
-        CDC_MAX_CONNECTIONS=str(args.connections + 100),
-        CDC_SSE_PING_SECONDS="15",
-        CDC_LOG_LEVEL="WARNING",
-    )
-    gateway: subprocess.Popen[bytes] | None = None
-    clients: list[subprocess.Popen[str]] = []
-    try:
-        apply(db)
-        cli = Path(sys.executable).parent / "cdc-dashboard"
-        gateway = subprocess.Popen([str(cli), "serve"], env=env, cwd=ROOT, preexec_fn=_raise_fd_limit)
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
-                    sock.sendall(b"GET /readyz HTTP/1.0\r\n\r\n")
-                    if sock.recv(64).startswith(b"HTTP/1.1 200"):
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("the gateway did not become ready")
-            time.sleep(0.2)
-        time.sleep(1)
-        rss_before = _rss_kib(gateway.pid)
+    with scratch_database("bench_fanout") as db:
+        port = _free_port()
+        business = str(uuid.uuid4())
+        token = create_token(SECRET, [business], 3600)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CDC_")}
+        env.update(
+            CDC_DATABASE_URL=db,
+            CDC_SECRET=SECRET,
+            CDC_HTTP_PORT=str(port),
+            CDC_MAX_CONNECTIONS=str(args.connections + 100),
+            CDC_SSE_PING_SECONDS="15",
+            CDC_LOG_LEVEL="WARNING",
+        )
+        gateway: subprocess.Popen[bytes] | None = None
+        clients: list[subprocess.Popen[str]] = []
+        try:
+            cli = Path(sys.executable).parent / "cdc-dashboard"
+            gateway = subprocess.Popen([str(cli), "serve"], env=env, cwd=ROOT, preexec_fn=_raise_fd_limit)
+            wait_ready(port, gateway, 30)
+            time.sleep(1)
+            rss_before = _rss_kib(gateway.pid)
 
-        outs = [Path(tempfile.mkstemp(prefix="fanout-", suffix=".json")[1]) for _ in range(args.clients)]
-        shares = [args.connections // args.clients + (i < args.connections % args.clients) for i in range(args.clients)]
-        started = time.monotonic()
-        for share, out in zip(shares, outs, strict=True):
-            clients.append(
-                subprocess.Popen(
-                    [
-                        sys.executable,
-                        __file__,
-                        "--client",
-                        str(port),
-                        business,
-                        token,
-                        str(share),
-                        str(args.broadcasts),
-                        str(out),
-                    ],
-                    stdout=subprocess.PIPE,
-                    text=True,
+            outs = [Path(tempfile.mkstemp(prefix="fanout-", suffix=".json")[1]) for _ in range(args.clients)]
+            shares = [
+                args.connections // args.clients + (i < args.connections % args.clients) for i in range(args.clients)
+            ]
+            started = time.monotonic()
+            for share, out in zip(shares, outs, strict=True):
+                clients.append(
+                    subprocess.Popen(
+                        [
+                            sys.executable,
+                            __file__,
+                            "--client",
+                            str(port),
+                            business,
+                            token,
+                            str(share),
+                            str(args.broadcasts),
+                            str(out),
+                        ],
+                        stdout=subprocess.PIPE,
+                        text=True,
+                    )
                 )
-            )
-        connected = failures = 0
-        for client in clients:
-            assert client.stdout is not None
-            report = json.loads(client.stdout.readline())
-            connected += report["connected"]
-            failures += report["failures"]
-        connect_seconds = time.monotonic() - started
-        time.sleep(args.settle)  # let the gateway settle (allocator, GC)
-        rss_after = _rss_kib(gateway.pid)
+            connected = failures = 0
+            for client in clients:
+                assert client.stdout is not None
+                report = json.loads(client.stdout.readline())
+                connected += report["connected"]
+                failures += report["failures"]
+            connect_seconds = time.monotonic() - started
+            time.sleep(args.settle)  # let the gateway settle (allocator, GC)
+            rss_after = _rss_kib(gateway.pid)
 
-        # The gateway's CPU while idle (heartbeats only), to subtract from the broadcasts' share.
-        idle_start = _cpu_seconds(gateway.pid)
-        time.sleep(args.interval)
-        idle_cpu = _cpu_seconds(gateway.pid) - idle_start
-        cpu_start = _cpu_seconds(gateway.pid)
-        with psycopg.connect(db, autocommit=True) as conn:
-            for seq in range(args.broadcasts):
-                payload = json.dumps({"business_id": business, "seq": seq, "sent_at": time.time(), "query_keys": []})
-                conn.execute(
-                    "select dashboard.append_events_v1(array[%s], array['invalidate'], array[%s::jsonb])",
-                    (business, payload),
-                )
-                time.sleep(args.interval)
-        broadcast_cpu = (_cpu_seconds(gateway.pid) - cpu_start - idle_cpu * args.broadcasts) / args.broadcasts
-        arrivals: list[tuple[int, float]] = []
-        for client, out in zip(clients, outs, strict=True):
-            client.wait(300)
-            arrivals += [(seq, latency) for seq, latency in json.loads(out.read_text())["latencies"]]
-            out.unlink()
-        latencies = [latency for _, latency in arrivals]
-        per_broadcast = {seq: [latency for s, latency in arrivals if s == seq] for seq in range(args.broadcasts)}
-        expected = connected * args.broadcasts
-        result = {
-            "connections": connected,
-            "connect_failures": failures,
-            "connect_seconds": round(connect_seconds, 1),
-            "gateway_rss_before_mib": round(rss_before / 1024, 1),
-            "gateway_rss_after_mib": round(rss_after / 1024, 1),
-            "rss_per_connection_kib": round((rss_after - rss_before) / max(1, connected), 1),
-            "broadcasts": args.broadcasts,
-            "gateway_cpu_ms_per_broadcast": round(1000 * broadcast_cpu, 1),
-            "gateway_cpu_us_per_delivery": round(1e6 * broadcast_cpu / max(1, connected), 1),
-            "deliveries": f"{len(latencies)}/{expected}",
-            "latency_p50_ms": round(1000 * statistics.median(latencies), 1) if latencies else None,
-            "latency_p99_ms": round(1000 * _percentile(latencies, 0.99), 1) if latencies else None,
-            "latency_max_ms": round(1000 * max(latencies), 1) if latencies else None,
-            "per_broadcast_p50_p99_ms": [
-                [round(1000 * statistics.median(v), 1), round(1000 * _percentile(v, 0.99), 1)]
-                for v in per_broadcast.values()
-                if v
-            ],
-        }
-        print(json.dumps(result, indent=2))
-        return 0 if latencies and len(latencies) == expected else 1
-    finally:
-        for client in clients:
-            if client.poll() is None:
-                client.kill()
-        if gateway is not None and gateway.poll() is None:
-            gateway.send_signal(signal.SIGTERM)
-            try:
-                gateway.wait(15)
-            except subprocess.TimeoutExpired:
-                gateway.kill()
-        with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute(f'drop database if exists "{name}" with (force)')
+            # The gateway's CPU while idle (heartbeats only), to subtract from the broadcasts' share.
+            idle_start = _cpu_seconds(gateway.pid)
+            time.sleep(args.interval)
+            idle_cpu = _cpu_seconds(gateway.pid) - idle_start
+            cpu_start = _cpu_seconds(gateway.pid)
+            with psycopg.connect(db, autocommit=True) as conn:
+                for seq in range(args.broadcasts):
+                    payload = json.dumps(
+                        {"business_id": business, "seq": seq, "sent_at": time.time(), "query_keys": []}
+                    )
+                    conn.execute(
+                        "select dashboard.append_events_v1(array[%s], array['invalidate'], array[%s::jsonb])",
+                        (business, payload),
+                    )
+                    time.sleep(args.interval)
+            broadcast_cpu = (_cpu_seconds(gateway.pid) - cpu_start - idle_cpu * args.broadcasts) / args.broadcasts
+            arrivals: list[tuple[int, float]] = []
+            for client, out in zip(clients, outs, strict=True):
+                client.wait(300)
+                arrivals += [(seq, latency) for seq, latency in json.loads(out.read_text())["latencies"]]
+                out.unlink()
+            latencies = [latency for _, latency in arrivals]
+            per_broadcast = {seq: [latency for s, latency in arrivals if s == seq] for seq in range(args.broadcasts)}
+            expected = connected * args.broadcasts
+            result = {
+                "connections": connected,
+                "connect_failures": failures,
+                "connect_seconds": round(connect_seconds, 1),
+                "gateway_rss_before_mib": round(rss_before / 1024, 1),
+                "gateway_rss_after_mib": round(rss_after / 1024, 1),
+                "rss_per_connection_kib": round((rss_after - rss_before) / max(1, connected), 1),
+                "broadcasts": args.broadcasts,
+                "gateway_cpu_ms_per_broadcast": round(1000 * broadcast_cpu, 1),
+                "gateway_cpu_us_per_delivery": round(1e6 * broadcast_cpu / max(1, connected), 1),
+                "deliveries": f"{len(latencies)}/{expected}",
+                "latency_p50_ms": round(1000 * statistics.median(latencies), 1) if latencies else None,
+                "latency_p99_ms": round(1000 * _percentile(latencies, 0.99), 1) if latencies else None,
+                "latency_max_ms": round(1000 * max(latencies), 1) if latencies else None,
+                "per_broadcast_p50_p99_ms": [
+                    [round(1000 * statistics.median(v), 1), round(1000 * _percentile(v, 0.99), 1)]
+                    for v in per_broadcast.values()
+                    if v
+                ],
+            }
+            print(json.dumps(result, indent=2))
+            return 0 if latencies and len(latencies) == expected else 1
+        finally:
+            for client in clients:
+                if client.poll() is None:
+                    client.kill()
+            if gateway is not None and gateway.poll() is None:
+                gateway.send_signal(signal.SIGTERM)
+                try:
+                    gateway.wait(15)
+                except subprocess.TimeoutExpired:
+                    gateway.kill()
 
 
 if __name__ == "__main__":

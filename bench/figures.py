@@ -36,10 +36,10 @@ import aiohttp
 import asyncpg
 import psycopg
 
-from cdc_dashboard.db import with_database
 from cdc_dashboard.gateway.auth import create_token
 from cdc_dashboard.migrations import apply
 from cdc_dashboard.sqlfiles import queries
+from scratch import scratch_database
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRET = "bench-figures-" + "f" * 40
@@ -224,22 +224,10 @@ def main() -> int:
     parser.add_argument("--keep", action="store_true", help="keep the scratch database")
     parser.add_argument("--database", help="reuse this already loaded database (never dropped)")
     args = parser.parse_args()
-    admin = os.environ.get("CDC_BENCH_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
-    name = args.database or f"bench_figures_{uuid.uuid4().hex[:8]}"
-    url = with_database(admin, name)
-    if not args.database:
-        with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute(f'create database "{name}"')
-    try:
-        if not args.database:
-            load(url)
+    with scratch_database("bench_figures", reuse=args.database, keep=args.keep, prepare=load) as url:
         asyncio.run(bench_query(url, 2000))
         asyncio.run(bench_http(url, args.requests, args.concurrency))
         asyncio.run(bench_maintenance(url))
-    finally:
-        if not args.database and not args.keep:
-            with psycopg.connect(admin, autocommit=True) as conn:
-                conn.execute(f'drop database if exists "{name}" with (force)')
     return 0
 
 

@@ -1,4 +1,4 @@
-"""A scratch database with the schema applied, dropped afterwards: what each benchmark runs against.
+"""What the benchmarks share: a scratch database, and waiting for a gateway subprocess to be ready.
 
 The server is CDC_BENCH_ADMIN_URL (default: this machine's PostgreSQL, postgresql://postgres@127.0.0.1:5432/postgres).
 """
@@ -6,29 +6,60 @@ The server is CDC_BENCH_ADMIN_URL (default: this machine's PostgreSQL, postgresq
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from typing import Any
 
 import psycopg
 
 from cdc_dashboard.db import with_database
 from cdc_dashboard.migrations import apply
 
-__all__ = ["scratch_database"]
+__all__ = ["scratch_database", "wait_ready"]
 
 
 @contextmanager
-def scratch_database() -> Iterator[str]:
-    """Yields the URL of a fresh database that received `db apply`."""
+def scratch_database(
+    prefix: str = "cdc_bench",
+    *,
+    reuse: str | None = None,
+    keep: bool = False,
+    prepare: Callable[[str], object] = apply,
+) -> Iterator[str]:
+    """Yields the URL of a fresh database that `prepare` (default: `db apply`) has set up; dropped afterwards
+    unless `keep`. With `reuse`, the named database (already prepared) is used as it is and never dropped."""
     admin = os.environ.get("CDC_BENCH_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
-    name = f"cdc_bench_{uuid.uuid4().hex[:8]}"
+    if reuse:
+        yield with_database(admin, reuse)
+        return
+    name = f"{prefix}_{uuid.uuid4().hex[:8]}"
     with psycopg.connect(admin, autocommit=True) as conn:
         conn.execute(f'create database "{name}"')
     try:
         url = with_database(admin, name)
-        apply(url)
+        prepare(url)
         yield url
     finally:
-        with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute(f'drop database if exists "{name}" with (force)')
+        if keep:
+            print(f"kept database {name}", flush=True)
+        else:
+            with psycopg.connect(admin, autocommit=True) as conn:
+                conn.execute(f'drop database if exists "{name}" with (force)')
+
+
+def wait_ready(port: int, proc: subprocess.Popen[Any], seconds: float = 60) -> None:
+    """Wait until the gateway on `port` answers /readyz 200; raise if it exits or takes longer."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the gateway exited with {proc.returncode}")
+        with suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
+            sock.sendall(b"GET /readyz HTTP/1.0\r\n\r\n")
+            if sock.recv(64).startswith(b"HTTP/1.1 200"):
+                return
+        time.sleep(0.2)
+    raise RuntimeError("the gateway did not become ready")
