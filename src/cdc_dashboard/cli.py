@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from . import __version__
-from .config import ConfigError, Settings, load_settings
+from .config import ConfigError, Settings, load_settings, signing_secret
 from .errors import UserError
 
 __all__ = ["main"]
@@ -67,14 +67,9 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_token(args: argparse.Namespace, settings: Settings) -> int:
-    from pathlib import Path
-
     from .gateway.auth import create_token
 
-    secret = settings.secret
-    demo_secret = Path(settings.state_dir) / "secret"
-    if not secret and demo_secret.exists():
-        secret = demo_secret.read_text().strip()  # the one `run` generated
+    secret = signing_secret(settings)
     if not secret:
         raise UserError("CDC_SECRET is not set: tokens are signed with it (the gateway must use the same one)")
     if not args.business_ids and not args.admin:

@@ -7,12 +7,13 @@ ValidationError into a `ConfigError` whose message is that line.
 from __future__ import annotations
 
 import ipaddress
+from pathlib import Path
 from typing import Annotated, Any
 
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-__all__ = ["ConfigError", "Settings", "load_settings"]
+__all__ = ["ConfigError", "Settings", "load_settings", "signing_secret"]
 
 
 # Values never echoed back in an error: they are secrets.
@@ -84,6 +85,15 @@ class Settings(BaseSettings):
         if level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
             raise ValueError("must be one of DEBUG, INFO, WARNING, ERROR")
         return level
+
+
+def signing_secret(settings: Settings) -> str | None:
+    """CDC_SECRET, else the one `cdc-dashboard run` generated in the state directory (so `token` and `doctor`
+    work against a running demo), else None."""
+    if settings.secret:
+        return settings.secret
+    generated = Path(settings.state_dir) / "secret"
+    return (generated.read_text().strip() or None) if generated.exists() else None
 
 
 def load_settings() -> Settings:

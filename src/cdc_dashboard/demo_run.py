@@ -11,7 +11,7 @@ import signal
 from pathlib import Path
 from types import FrameType
 
-from .config import Settings
+from .config import Settings, signing_secret
 from .demo import load_demo
 from .embedded import start_embedded
 from .gateway.app import serve
@@ -28,13 +28,13 @@ DEMO_TOKEN_TTL = 7 * 24 * 3600
 
 def ensure_secret(settings: Settings) -> str:
     """CDC_SECRET, else one generated once and kept in the state directory (readable by its owner only)."""
-    if settings.secret:
-        return settings.secret
+    existing = signing_secret(settings)
+    if existing:
+        return existing
     path = Path(settings.state_dir) / "secret"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.touch(mode=0o600)
-        path.write_text(secrets.token_urlsafe(48))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.touch(mode=0o600)
+    path.write_text(secrets.token_urlsafe(48))
     return path.read_text().strip()
 
 

@@ -28,7 +28,7 @@ import aiohttp
 import asyncpg
 import psycopg
 
-from .config import Settings
+from .config import Settings, signing_secret
 from .db import describe_url
 from .errors import UserError
 from .migrations import CAPTURE_VERSION, DEFAULT_TRACKED, schema_files, status
@@ -546,16 +546,8 @@ class _Doctor:
 
     # -- end to end -----------------------------------------------------------------------------------------
 
-    def _secret(self) -> str | None:
-        if self._settings.secret:
-            return self._settings.secret
-        generated = Path(self._settings.state_dir) / "secret"  # the one `cdc-dashboard run` made
-        if generated.exists():
-            return generated.read_text().strip() or None
-        return None
-
     async def _end_to_end(self) -> Outcome:
-        secret = self._secret()
+        secret = signing_secret(self._settings)
         if not secret:
             raise _Failed(
                 "no CDC_SECRET: the probe signs its stream token with the gateway's secret",

@@ -7,21 +7,18 @@ data and the bookings list. A table tracked by an application itself invalidates
 
 from __future__ import annotations
 
-from typing import Any, Literal, TypedDict
+from typing import Any, TypedDict
 
 __all__ = [
     "ALL_PAYMENT_KEYS",
     "BOOKING_KEYS",
     "ChangeRef",
-    "EventKind",
     "InvalidatePayload",
     "ToastPayment",
     "invalidate_payload",
     "keys_for_table",
     "manual_refresh_payload",
 ]
-
-EventKind = Literal["invalidate", "resync"]
 
 ALL_PAYMENT_KEYS = (
     "dashboard-stats",
