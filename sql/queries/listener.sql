@@ -8,35 +8,10 @@ select pg_try_advisory_lock(4242000004)
 select count(pg_terminate_backend(pid)) from pg_stat_activity
  where pid = any($1::int[]) and application_name like 'cdc-dashboard listener%'
 
--- consume_changes --
--- The change log is a queue: consuming deletes, in the same transaction that appends the events. A writer
--- that commits late still has its rows here; nothing can be skipped by a cursor moving past it.
-with batch as (
-    select id from cdc.change_log order by id limit $1 for update skip locked
-)
-delete from cdc.change_log c using batch where c.id = batch.id
-returning c.id, c.table_name, c.op, c.business_id, c.row_id, c.old_values, c.new_values, c.captured_at
-
--- toast_payments --
-select p.id::text, p.amount_minor, p.currency, p.method, c.name as client_name, p.status
-  from payments p left join clients c on c.id = p.client_id
- where p.id = any($1::uuid[]) and p.status = 'completed'
-
--- apply_changes --
-select dashboard.apply_changes_v2($1::text[], $2::text[])
-
--- rebuild_all_aggregates --
-select count(*) from dashboard.rebuild_aggregates_v2(array(select id from businesses))
-
--- append_events --
-select dashboard.append_events_v1($1::text[], $2::text[], $3::jsonb[])
-
--- dead_letter --
-insert into dashboard.dead_letters (change, reason) values ($1::jsonb, $2)
-
--- record_progress --
-update dashboard.listener_state
-   set last_change_id = greatest(last_change_id, $1), last_change_at = $2, heartbeat_at = now(), state = $3
+-- consume_batch --
+-- The whole batch in one statement, and so one transaction in autocommit (sql/schema/0007_listener_batch.sql).
+select consumed, last_change_id, events_appended, last_event_id, dead_letters
+  from dashboard.consume_changes_v1($1, $2, $3)
 
 -- record_state --
 update dashboard.listener_state
@@ -68,10 +43,10 @@ select not exists (
 )
 
 -- prune_events --
+-- Oldest ids first: ids follow commit order, and so (to within a transaction's length) do creation times.
 with doomed as (
-    select id from dashboard.events
+    select id from (select id, created_at from dashboard.events order by id limit $2) as oldest
      where created_at < now() - make_interval(secs => $1)
-     order by id limit $2
 ), deleted as (
     delete from dashboard.events e using doomed where e.id = doomed.id returning e.id
 ), mark as (

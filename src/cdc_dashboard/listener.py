@@ -6,9 +6,11 @@ Life of the loop, on every (re)connect:
   3. live: consume batches while there are changes; when there are none, announce sleep (so writers start
      to NOTIFY), make sure no writer that missed the announcement is still open, look once more, and wait
      for a wake-up or the probe interval.
-Each batch is one transaction: delete the changes, rebuild the touched businesses' aggregates, append
-their events (which NOTIFYs the gateways once). A failure anywhere rolls the batch back; the changes stay in
-the log for the next attempt, so a crash, a cut connection or a PostgreSQL restart loses nothing.
+Each batch is one statement, `dashboard.consume_changes_v1`, and so one transaction: it deletes the changes,
+brings the touched businesses' figures up to date, appends their events (which NOTIFYs the gateways once) and
+records progress, all on the server: the listener shares its cores with the writers. A failure anywhere
+rolls the batch back; the changes stay in the log for the next attempt, so a crash, a cut connection or a
+PostgreSQL restart loses nothing.
 
 Reconnects back off exponentially with jitter and never give up. A quiet connection is probed every few
 seconds with a timeout, so a dead one is noticed within 10 s even when TCP says nothing.
@@ -22,15 +24,12 @@ import json
 import logging
 import os
 import socket
-import uuid
 from typing import TypedDict
 
 import asyncpg
 
 from .backoff import Backoff
-from .changes import BatchPlan, Change, plan_batch
 from .config import Settings
-from .events import ToastPayment
 from .sqlfiles import queries
 from .systemd import Notifier
 
@@ -103,6 +102,12 @@ class EnhancedRealtimeManager:
     linger_from = 8  # changes in a batch that make the listener linger before the next one
     idle_poll_interval = 0.002
     prune_batch = 10000
+    # While busy, a batch looks only at changes newer than (newest consumed - scan_window); the index entries of
+    # older, consumed changes stay until vacuum and would be stepped over on every batch. A transaction that
+    # stays open that long has its changes found by the full look every full_scan_every seconds, and before
+    # the listener sleeps: delayed, never lost.
+    scan_window = 1000
+    full_scan_every = 1.0
 
     def __init__(self, database_url: str, settings: Settings, *, notifier: Notifier | None = None) -> None:
         self._url = database_url
@@ -120,6 +125,8 @@ class EnhancedRealtimeManager:
         self._events_appended = 0
         self._changes_consumed = 0
         self._last_prune = 0.0
+        self._newest_consumed = 0
+        self._last_full_scan = 0.0
         self._lock_conn: asyncpg.Connection | None = None
         self._previous_pids: list[int] = []  # server pids of our last session, reaped on reconnect
         self._conn: asyncpg.Connection | None = None
@@ -254,7 +261,7 @@ class EnhancedRealtimeManager:
                 await conn.execute(self._q["announce_awake"])
                 continue
             settle_wait = 0.005
-            if await self._consume(conn):
+            if await self._consume(conn, full=True):
                 await conn.execute(self._q["announce_awake"])
                 continue
             woken = await self._wait_wake(self.probe_interval)
@@ -275,7 +282,7 @@ class EnhancedRealtimeManager:
         total = 0
         while not self._stopping.is_set():
             self._notifier.watchdog()
-            consumed = await self._consume(conn)
+            consumed = await self._consume(conn, full=True)
             total += consumed
             if consumed < self.batch_size:
                 return total
@@ -283,50 +290,23 @@ class EnhancedRealtimeManager:
 
     # -- one batch ----------------------------------------------------------------------------------------
 
-    async def _consume(self, conn: asyncpg.Connection) -> int:
-        """Consume up to batch_size changes in one transaction; return how many."""
-        async with conn.transaction():
-            records = await conn.fetch(self._q["consume_changes"], self.batch_size)
-            if not records:
-                return 0
-            plan = plan_batch([Change.from_record(r) for r in records])
-            toasts = await self._toasts(conn, plan)
-            await self._update_aggregates(conn, plan)
-            for change, reason in plan.dead_letters:
-                await conn.execute(self._q["dead_letter"], json.dumps(change.as_json()), reason)
-                log.error("change set aside in dead_letters", extra={"change_id": change.id, "reason": reason})
-            business_ids, kinds, payloads = plan.events(toasts)
-            if kinds:
-                await conn.fetchval(self._q["append_events"], business_ids, kinds, payloads)
-            await conn.execute(self._q["record_progress"], plan.last_change_id, plan.last_captured_at, self._state)
-        self._changes_consumed += len(records)
-        self._events_appended += len(kinds)
-        return len(records)
-
-    async def _toasts(self, conn: asyncpg.Connection, plan: BatchPlan) -> dict[str, ToastPayment]:
-        ids = [i for i in plan.toast_ids() if _is_uuid(i)]
-        if not ids:
-            return {}
-        rows = await conn.fetch(self._q["toast_payments"], ids)
-        return {
-            r["id"]: {
-                "id": r["id"],
-                "amount_minor": r["amount_minor"],
-                "currency": r["currency"],
-                "method": r["method"],
-                "client_name": r["client_name"],
-                "status": r["status"],
-            }
-            for r in rows
-        }
-
-    async def _update_aggregates(self, conn: asyncpg.Connection, plan: BatchPlan) -> None:
-        """Bring the rollups up to date with this batch, inside its transaction (docs/ARCHITECTURE.md,
-        "Aggregates"): each changed row moves them by its exact delta; a TRUNCATE rebuilds every business."""
-        if plan.resync_tables:
-            await conn.execute(self._q["rebuild_all_aggregates"])
-        elif plan.changed_rows:
-            await conn.execute(self._q["apply_changes"], plan.changed_tables, plan.changed_rows)
+    async def _consume(self, conn: asyncpg.Connection, *, full: bool = False) -> int:
+        """Consume up to batch_size changes; return how many. One statement, so one transaction (autocommit):
+        the server consumes, updates the figures, appends the events and records progress together."""
+        now = asyncio.get_running_loop().time()
+        if full or now - self._last_full_scan >= self.full_scan_every:
+            from_id, self._last_full_scan = 0, now
+        else:
+            from_id = max(0, self._newest_consumed - self.scan_window)
+        row = await conn.fetchrow(self._q["consume_batch"], self.batch_size, self._state, from_id)
+        assert row is not None
+        for rejected in json.loads(row["dead_letters"]):
+            log.error("change set aside in dead_letters", extra=rejected)
+        if row["consumed"]:
+            self._newest_consumed = max(self._newest_consumed, row["last_change_id"])
+        self._changes_consumed += row["consumed"]
+        self._events_appended += row["events_appended"]
+        return int(row["consumed"])
 
     # -- housekeeping -------------------------------------------------------------------------------------
 
@@ -400,14 +380,6 @@ class EnhancedRealtimeManager:
             self._notifier.watchdog()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), min(1.0, deadline - loop.time()))
-
-
-def _is_uuid(value: str) -> bool:
-    try:
-        uuid.UUID(value)
-    except ValueError:
-        return False
-    return True
 
 
 async def run_until_signalled(manager: EnhancedRealtimeManager) -> None:

@@ -101,6 +101,21 @@ async def test_out_of_order_commits_are_both_delivered_in_commit_order(db_url: s
     assert payment_ids_in_events(db_url) == [second, first]
 
 
+async def test_a_long_transaction_far_behind_the_scan_window_is_still_delivered(db_url: str) -> None:
+    """While busy, batches look only at recent change ids (scan_window); a transaction that stayed open while
+    more changes than that were consumed must still be found (by the periodic full look), not skipped."""
+    with psycopg.connect(db_url, autocommit=True) as setup:
+        b = new_business(setup)
+    async with running_listener(db_url, scan_window=10, full_scan_every=0.5, idle_polls_before_sleep=10**9):
+        with psycopg.connect(db_url) as long_txn, psycopg.connect(db_url, autocommit=True) as c:
+            early = pay(long_txn, b, 100)  # the lowest change id, invisible until commit
+            later = [pay(c, b, 200) for _ in range(50)]  # five windows' worth, consumed meanwhile
+            await wait_for(lambda: later[-1] in payment_ids_in_events(db_url))
+            long_txn.commit()
+            await wait_for(lambda: early in payment_ids_in_events(db_url), timeout=5)
+    assert payment_ids_in_events(db_url) == [*later, early]
+
+
 async def test_update_moving_a_row_informs_both_businesses(db_url: str) -> None:
     with psycopg.connect(db_url, autocommit=True) as conn:
         b1, b2 = new_business(conn), new_business(conn)
