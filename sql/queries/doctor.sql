@@ -80,11 +80,13 @@ select pid, extract(epoch from now() - xact_start)::float8 as age_seconds, state
  limit 1
 
 -- events --
--- Retention: min/max through the indexes, never a count over the whole table.
-select (select min(created_at) from dashboard.events) as oldest_at,
-       (select max(created_at) from dashboard.events) as newest_at,
-       extract(epoch from now() - (select min(created_at) from dashboard.events))::float8 as oldest_age_seconds,
-       (select max(id) from dashboard.events) as newest_id,
+-- Retention: the oldest and newest events by id (the primary key; creation times follow ids), never a scan.
+with oldest as (select created_at from dashboard.events order by id limit 1),
+     newest as (select id, created_at from dashboard.events order by id desc limit 1)
+select (select created_at from oldest) as oldest_at,
+       (select created_at from newest) as newest_at,
+       extract(epoch from now() - (select created_at from oldest))::float8 as oldest_age_seconds,
+       (select id from newest) as newest_id,
        s.pruned_through, s.last_event_id
   from dashboard.listener_state s
 

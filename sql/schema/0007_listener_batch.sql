@@ -31,22 +31,22 @@ $$;
 
 -- The query keys a set of tables invalidates, each once, in DESIGN's order (the keys of payments, then
 -- bookings, then an application's own keys by name).
-create function dashboard.query_keys_for_v1(tables text[]) returns text[]
-language sql immutable parallel safe as $$
-    select array_agg(key order by array_position(
-               '{dashboard-stats,business-revenue,business-data,transactions,client-business-transactions,payment-transactions,payments,bookings}'::text[],
-               key), key)
-      from (select distinct unnest(dashboard.query_keys_v1(t)) as key from unnest(tables) as t) as keys
-$$;
-
--- The JSON of query_keys_for_v1(tables) as [[key, B], ...], with B standing for the business: a batch builds
--- it once per set of tables, and each event puts its business in. B is the byte 0x01, which JSON text never
--- contains raw (to_json escapes it), so replacing it cannot touch a key.
+--
+-- The JSON of those keys as [[key, B], ...], with B standing for the business: a batch builds it once per set of
+-- tables, and each event puts its business in. B is the byte 0x01, which JSON text never contains raw (to_json
+-- escapes it), so replacing it cannot touch a key. (plpgsql, not SQL: a SQL function with a FROM clause is
+-- parsed and planned again in every batch; plpgsql keeps its plan for the session.)
 create function dashboard.query_keys_template_v1(tables text[]) returns text
-language sql immutable parallel safe as $$
-    select '[' || string_agg('[' || to_json(key)::text || ',' || chr(1) || ']', ',' order by pos) || ']'
-      from unnest(dashboard.query_keys_for_v1(tables)) with ordinality as k(key, pos)
-$$;
+language plpgsql immutable parallel safe as $$
+begin
+    return (
+        select '[' || string_agg('[' || to_json(key)::text || ',' || chr(1) || ']', ',' order by
+                   array_position('{dashboard-stats,business-revenue,business-data,transactions,'
+                                  'client-business-transactions,payment-transactions,payments,bookings}'::text[],
+                                  key), key) || ']'
+          from (select distinct unnest(dashboard.query_keys_v1(t)) as key from unnest(tables) as t) as keys
+    );
+end $$;
 
 -- Why a captured change cannot become an event (it goes to dashboard.dead_letters), or null. (No format():
 -- it is only stable, and an immutable SQL function that calls it is not inlined but called per change.)

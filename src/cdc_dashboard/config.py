@@ -45,7 +45,10 @@ class Settings(BaseSettings):
     cors_origins: str = Field(default="", description="comma-separated origins allowed to call the API from browsers")
     event_retention_days: float = Field(default=7.0, gt=0)
     listener_linger_ms: float = Field(
-        default=5.0, ge=0, le=1000, description="under load, wait this long for more changes before a batch"
+        default=25.0,
+        ge=0,
+        le=1000,
+        description="under load, the longest to wait for more changes before a batch (0.5 ms per change of the last)",
     )
     state_dir: str = Field(default=".cdc", description="where `run` keeps the embedded database and secret")
     log_level: str = "INFO"

@@ -100,6 +100,7 @@ class EnhancedRealtimeManager:
     prune_every = 60.0
     idle_polls_before_sleep = 5
     linger_from = 8  # changes in a batch that make the listener linger before the next one
+    linger_per_change = 0.0005  # seconds of lingering per change in the last batch, up to the configured most
     idle_poll_interval = 0.002
     prune_batch = 10000
     # While busy, a batch looks only at changes newer than (newest consumed - scan_window); the index entries of
@@ -240,10 +241,11 @@ class EnhancedRealtimeManager:
                 idle_polls = 0
                 if self.linger_from <= consumed < self.batch_size and self._linger:
                     # Under load (a batch found many changes) but not saturated: let more gather, so a stream of
-                    # single-row writes becomes fewer, larger batches - each batch is a transaction with its own
-                    # commit, and its per-batch costs compete with the writers for the same cores. At a
-                    # trickle (small batches) nothing waits: latency matters more than throughput there.
-                    await self._interruptible_sleep(self._linger)
+                    # single-row writes becomes fewer, larger batches. A batch has a fixed cost (a commit, the
+                    # statement's set-up: about 2 ms here), and the listener shares the cores with the writers.
+                    # The wait grows with the load, up to CDC_LISTENER_LINGER_MS: at a trickle (small batches)
+                    # nothing waits, since latency matters more than throughput there.
+                    await self._interruptible_sleep(min(self._linger, consumed * self.linger_per_change))
                 continue
             if idle_polls < self.idle_polls_before_sleep:
                 # Changes were flowing a moment ago: a brief poll is cheaper than a sleep/wake round trip
