@@ -17,7 +17,7 @@ select o.name, case o.kind when 'function' then to_regprocedure(o.name) is not n
                ('cdc.untrack(regclass)', 'function'),
                ('cdc.change_log', 'table'),
                ('cdc.tracked_tables', 'table'),
-               ('cdc.wake_state', 'table')) as o(name, kind)
+               ('cdc.sleeping_until_v1', 'sequence')) as o(name, kind)
  order by o.name
 
 -- capture_recorded_checksum --

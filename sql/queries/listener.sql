@@ -26,11 +26,12 @@ update dashboard.listener_state
 update dashboard.listener_state set heartbeat_at = now(), state = $1
 
 -- announce_sleep --
--- Writers NOTIFY only while this is in the future (cdc.wake_v1); renewed at every probe.
-update cdc.wake_state set sleeping_until = now() + make_interval(secs => $1)
+-- Writers NOTIFY only while this is in the future (cdc.wake_v1); renewed at every probe. Not transactional:
+-- every writer sees it at once.
+select setval('cdc.sleeping_until_v1', ceil(extract(epoch from now()))::bigint + $1::bigint)
 
 -- announce_awake --
-update cdc.wake_state set sleeping_until = null
+select setval('cdc.sleeping_until_v1', 0)
 
 -- writers_settled --
 -- True when no open transaction can have read the old sleep announcement: a transaction that wrote to the

@@ -255,7 +255,7 @@ class EnhancedRealtimeManager:
                 continue
             await self._maybe_prune(conn)
             # Quiet: announce sleep, then make sure every writer that might have read "awake" has finished.
-            await conn.execute(self._q["announce_sleep"], self.sleep_announcement)
+            await conn.execute(self._q["announce_sleep"], int(self.sleep_announcement))
             if not await conn.fetchval(self._q["writers_settled"], timeout=self.probe_timeout):
                 # A writer is mid-transaction and may not notify: look again shortly instead of sleeping.
                 await self._wait_wake(settle_wait)

@@ -30,6 +30,10 @@ def pay(conn: psycopg.Connection[Any], business: str, amount: int = 150000, stat
     return payment
 
 
+# The listener's sleep announcement, as writers read it (cdc.wake_v1).
+SLEEPING = "select coalesce(to_timestamp(pg_sequence_last_value('cdc.sleeping_until_v1')) > now(), false)"
+
+
 def payload(event: dict[str, Any]) -> dict[str, Any]:
     p = event["payload"]
     return p if isinstance(p, dict) else dict(json.loads(p))
@@ -77,14 +81,13 @@ async def test_wakes_on_notify_not_on_a_poll(db_url: str) -> None:
         business = new_business(conn)
         async with running_listener(db_url, probe_interval=30.0):
             await asyncio.sleep(0.3)  # let it go to sleep
-            sleeping = conn.execute("select sleeping_until > now() from cdc.wake_state").fetchone()
-            assert sleeping == (True,)
+            assert conn.execute(SLEEPING).fetchone() == (True,)
             started = time.monotonic()
             pay(conn, business)
             await wait_for(lambda: event_rows(db_url), timeout=5, interval=0.005)
             assert time.monotonic() - started < 2.0
         # A clean stop withdraws the announcement, so writers stop notifying.
-        assert conn.execute("select sleeping_until from cdc.wake_state").fetchone() == (None,)
+        assert conn.execute(SLEEPING).fetchone() == (False,)
 
 
 async def test_out_of_order_commits_are_both_delivered_in_commit_order(db_url: str) -> None:
@@ -231,7 +234,7 @@ async def test_a_writer_that_read_awake_before_the_sleep_announcement_is_still_s
     NOTIFY) and commits after the listener announced sleep. The listener must not sleep through it."""
     with psycopg.connect(db_url, autocommit=True) as setup:
         b = new_business(setup)
-        assert setup.execute("select sleeping_until from cdc.wake_state").fetchone() == (None,)  # "awake"
+        assert setup.execute(SLEEPING).fetchone() == (False,)
     with psycopg.connect(db_url) as writer:
         payment = pay(writer, b)  # reads "awake": this transaction will not notify
         async with running_listener(db_url, probe_interval=30.0):
@@ -240,3 +243,20 @@ async def test_a_writer_that_read_awake_before_the_sleep_announcement_is_still_s
             committed = time.monotonic()
             await wait_for(lambda: payment in payment_ids_in_events(db_url), timeout=10, interval=0.01)
             assert time.monotonic() - committed < 2.0, "seen without a NOTIFY, long before the 30 s probe"
+
+
+async def test_a_repeatable_read_writer_whose_snapshot_predates_the_announcement_still_wakes_it(db_url: str) -> None:
+    """The announcement is not subject to snapshots: a REPEATABLE READ transaction that began while the listener
+    was awake, and writes after it went to sleep, sees that it sleeps and NOTIFYs."""
+    with psycopg.connect(db_url, autocommit=True) as setup:
+        b = new_business(setup)
+        with psycopg.connect(db_url) as writer:
+            writer.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+            writer.execute("select 1")  # the snapshot: the listener is not even running
+            async with running_listener(db_url, probe_interval=30.0):
+                await wait_for(lambda: setup.execute(SLEEPING).fetchone() == (True,))
+                payment = pay(writer, b)
+                writer.commit()
+                committed = time.monotonic()
+                await wait_for(lambda: payment in payment_ids_in_events(db_url), timeout=10, interval=0.01)
+                assert time.monotonic() - committed < 2.0, "woken by its NOTIFY, not by the 30 s probe"
