@@ -4,6 +4,11 @@
 -- Held for the life of the leader's dedicated connection; a standby retries it every second.
 select pg_try_advisory_lock(4242000004)
 
+-- schema_ready --
+-- The objects this version of the listener calls (`db apply` creates them).
+select to_regprocedure('dashboard.consume_changes_v1(integer,text,bigint)') is not null
+   and to_regclass('cdc.sleeping_until_v1') is not null
+
 -- end_sessions --
 select count(pg_terminate_backend(pid)) from pg_stat_activity
  where pid = any($1::int[]) and application_name like 'cdc-dashboard listener%'

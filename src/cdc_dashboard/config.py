@@ -45,7 +45,7 @@ class Settings(BaseSettings):
     cors_origins: str = Field(default="", description="comma-separated origins allowed to call the API from browsers")
     event_retention_days: float = Field(default=7.0, gt=0)
     listener_linger_ms: float = Field(
-        default=25.0,
+        default=100.0,
         ge=0,
         le=1000,
         description="under load, the longest to wait for more changes before a batch (0.5 ms per change of the last)",

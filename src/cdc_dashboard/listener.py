@@ -30,6 +30,7 @@ import asyncpg
 
 from .backoff import Backoff
 from .config import Settings
+from .errors import UserError
 from .sqlfiles import queries
 from .systemd import Notifier
 
@@ -177,6 +178,9 @@ class EnhancedRealtimeManager:
     async def _session(self) -> None:
         self._state = "connecting"
         self._lock_conn = await connect(self._url, application_name="cdc-dashboard listener (leader lock)")
+        if not await self._lock_conn.fetchval(self._q["schema_ready"], timeout=self.probe_timeout):
+            # Not an outage to wait out: this version needs a `db apply` first. systemd restarts us after it.
+            raise UserError("the database's schema is older than this listener: run `cdc-dashboard db apply`")
         await self._reap_previous_sessions(self._lock_conn)
         await self._wait_for_leadership(self._lock_conn)
         if self._stopping.is_set():

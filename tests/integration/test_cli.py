@@ -52,3 +52,16 @@ def test_status_exit_1_when_pending(empty_db_url: str) -> None:
     result = run_cli("db", "status", CDC_DATABASE_URL=empty_db_url)
     assert result.returncode == 1
     assert "pending  0001_base.sql" in result.stdout
+
+
+def test_listen_on_a_database_not_brought_up_to_date_says_db_apply(db_url: str) -> None:
+    import psycopg
+
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute("drop sequence cdc.sleeping_until_v1")  # as if install.sql were an older version
+    result = run_cli("listen", CDC_DATABASE_URL=db_url)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        "cdc-dashboard: the database's schema is older than this listener: run `cdc-dashboard db apply`"
+    )
+    assert "Traceback" not in result.stderr
