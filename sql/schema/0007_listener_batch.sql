@@ -1,4 +1,4 @@
--- The listener's whole batch in one call (docs/ARCHITECTURE.md, "One batch, one statement").
+-- The listener's whole batch in one call (docs/ARCHITECTURE.md, "Events: ordered, durable, one writer at a time").
 --
 -- Until now a batch was seven round trips between the listener and the server (consume, toast lookup,
 -- aggregates, events, progress, begin, commit), with the changes decoded, grouped and turned into JSON in
@@ -7,7 +7,7 @@
 -- the listener sends one statement per batch; in autocommit that statement is the batch's transaction:
 -- consume, dead letters, aggregates, events and progress commit together, or not at all.
 --
--- Measured (bench/cpu_per_change.py, docs/BENCHMARKS.md): see the commit that added this file.
+-- Measured: docs/BENCHMARKS.md, "2026-11-27, second session".
 
 -- `public.payments` -> `payments`; other schemas keep their prefix (as events name tables).
 create function dashboard.short_table_name_v1(table_name text) returns text
@@ -20,11 +20,13 @@ $$;
 -- tracks itself invalidates the stats and a key named after it.
 create function dashboard.query_keys_v1(table_name text) returns text[]
 language sql immutable parallel safe as $$
-    select case dashboard.short_table_name_v1(table_name)
-        when 'payments' then '{dashboard-stats,business-revenue,business-data,transactions,client-business-transactions,payment-transactions,payments}'::text[]
-        when 'payment_transactions' then '{dashboard-stats,business-revenue,business-data,transactions,client-business-transactions,payment-transactions,payments}'::text[]
-        when 'client_business_transactions' then '{dashboard-stats,business-revenue,business-data,transactions,client-business-transactions,payment-transactions,payments}'::text[]
-        when 'bookings' then '{dashboard-stats,business-data,bookings}'::text[]
+    select case
+        when dashboard.short_table_name_v1(table_name) in ('payments', 'payment_transactions',
+                                                           'client_business_transactions')
+            then '{dashboard-stats,business-revenue,business-data,transactions,client-business-transactions,'
+                 'payment-transactions,payments}'::text[]
+        when dashboard.short_table_name_v1(table_name) = 'bookings'
+            then '{dashboard-stats,business-data,bookings}'::text[]
         else array['dashboard-stats', dashboard.short_table_name_v1(table_name)]
     end
 $$;
@@ -32,10 +34,10 @@ $$;
 -- The query keys a set of tables invalidates, each once, in DESIGN's order (the keys of payments, then
 -- bookings, then an application's own keys by name).
 --
--- The JSON of those keys as [[key, B], ...], with B standing for the business: a batch builds it once per set of
--- tables, and each event puts its business in. B is the byte 0x01, which JSON text never contains raw (to_json
--- escapes it), so replacing it cannot touch a key. (plpgsql, not SQL: a SQL function with a FROM clause is
--- parsed and planned again in every batch; plpgsql keeps its plan for the session.)
+-- The JSON of those keys as [[key, B], ...], with B standing for the business: a batch builds it once per set
+-- of tables, and each event puts its business in. B is the byte 0x01, which JSON text never contains raw
+-- (to_json escapes it), so replacing it cannot touch a key. (plpgsql, not SQL: a SQL function with a FROM
+-- clause is parsed and planned again in every batch; plpgsql keeps its plan for the session.)
 create function dashboard.query_keys_template_v1(tables text[]) returns text
 language plpgsql immutable parallel safe as $$
 begin
@@ -73,8 +75,10 @@ $$;
 -- change; its query keys once each in DESIGN's order; at most 100 changes listed (change_count counts all); the
 -- payments that became completed, for toasts (at most 50); committed_at is the capture time of its newest
 -- change. A TRUNCATE becomes one `resync` for every dashboard, first, and rebuilds every business's figures.
-create function dashboard.consume_changes_v1(batch_size integer, new_state text, from_id bigint)
-returns table (consumed integer, last_change_id bigint, events_appended integer, last_event_id bigint, dead_letters jsonb)
+create function dashboard.consume_changes_body_v1(batch_size integer, new_state text, from_id bigint,
+                                                check_row_ids boolean)
+returns table (consumed integer, last_change_id bigint, events_appended integer, last_event_id bigint,
+               dead_letters jsonb)
 language plpgsql as $$
 #variable_conflict use_column
 declare
@@ -108,12 +112,16 @@ begin
                                  order by id limit batch_size for update skip locked))
         returning c.*
     ), checked as (
+        -- uuid_row: the row id can be cast to uuid (payments and bookings have uuid keys, so the capture
+        -- trigger only ever writes UUIDs for them; see consume_changes_v1 for a hand-written change)
         select t.*, dashboard.change_problem_v1(t.op, t.table_name, t.business_id) as problem,
-               t.row_id ~* '^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$' as uuid_row
+               (not check_row_ids
+                or t.row_id ~* '^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$') as uuid_row
           from taken t
     ), ordered as (
         -- toast: a payment that is completed now and was not before (the owner gets a toast)
-        select c.*, coalesce(c.uuid_row and c.problem is null and dashboard.short_table_name_v1(c.table_name) = 'payments'
+        select c.*, coalesce(c.uuid_row and c.problem is null
+                             and dashboard.short_table_name_v1(c.table_name) = 'payments'
                              and c.new_values ->> 'status' = 'completed'
                              and (c.op = 'INSERT' or (c.old_values ->> 'status') is distinct from 'completed'),
                              false) as toast
@@ -239,7 +247,22 @@ begin
                         coalesce(rejected, '[]');
 end $$;
 
--- Fixed-shape statements over small arrays: plan once (see 0006). A plan made once must stay right while the
+-- The listener's entry point (parameters and result as consume_changes_body_v1's). Row ids are not checked one
+-- by one: a regular expression per change was 8% of the listener's CPU (perf), and the capture trigger writes
+-- the ids of payments and bookings from their uuid keys. A change written by hand into cdc.change_log with
+-- another id would make the cast fail and the whole batch roll back; the batch is then taken again with every
+-- id checked (such a change still informs its business, and feeds no figure), so it cannot block the queue.
+create function dashboard.consume_changes_v1(batch_size integer, new_state text, from_id bigint)
+returns table (consumed integer, last_change_id bigint, events_appended integer, last_event_id bigint,
+               dead_letters jsonb)
+language plpgsql as $$
+begin
+    return query select * from dashboard.consume_changes_body_v1(batch_size, new_state, from_id, false);
+exception when invalid_text_representation then
+    return query select * from dashboard.consume_changes_body_v1(batch_size, new_state, from_id, true);
+end $$;
+
+-- The batch's statements are fixed-shape, over small arrays: plan once (see 0006). A plan made once must stay right while the
 -- tables grow: a generic plan made when a table was small (a new database, a benchmark) keeps its sequential
 -- scan for the life of the connection, and here every statement probes by key, so sequential scans are off.
 -- JIT is off because such a "disabled" scan is costed high enough to trigger it (63 ms compiling a

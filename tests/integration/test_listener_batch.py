@@ -179,3 +179,21 @@ def test_an_empty_log_appends_nothing(conn: Conn) -> None:
     result = consume(conn)
     assert (result["consumed"], result["events_appended"], result["last_event_id"]) == (0, 0, None)
     assert conn.execute("select last_event_id from dashboard.listener_state").fetchone() == before
+
+
+def test_a_hand_written_change_with_a_bad_row_id_does_not_block_the_queue(conn: Conn) -> None:
+    """Row ids of payments are trusted to be UUIDs (the trigger writes them from the uuid key); one written by
+    hand that is not makes the batch go again with every id checked."""
+    b = business(conn)
+    p = payment(conn, b, amount=700)
+    change(conn, "public.payments", "INSERT", b, "not-a-uuid", new={"status": "completed"})
+    change(conn, "public.payments", "INSERT", b, p, new={"status": "completed"})
+    assert consume(conn)["consumed"] == 2
+    [(_, _, data)] = events(conn)
+    assert [c["id"] for c in data["changes"]] == ["not-a-uuid", p]
+    assert [t["id"] for t in data["payments"]] == [p]
+    daily = conn.execute(
+        "select revenue_minor, payments_count from dashboard.revenue_daily where business_id = %s", (b,)
+    )
+    assert daily.fetchall() == [(700, 1)]
+    assert conn.execute("select count(*) from cdc.change_log").fetchone() == (0,)
