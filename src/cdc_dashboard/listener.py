@@ -309,7 +309,9 @@ class EnhancedRealtimeManager:
         for rejected in json.loads(row["dead_letters"]):
             log.error("change set aside in dead_letters", extra=rejected)
         if row["consumed"]:
-            self._newest_consumed = max(self._newest_consumed, row["last_change_id"])
+            # After a full look, its newest id is the truth (the log may have been reinstalled, ids restarting).
+            newest = row["last_change_id"]
+            self._newest_consumed = newest if from_id == 0 else max(self._newest_consumed, newest)
         self._changes_consumed += row["consumed"]
         self._events_appended += row["events_appended"]
         return int(row["consumed"])
