@@ -65,3 +65,14 @@ def test_listen_on_a_database_not_brought_up_to_date_says_db_apply(db_url: str) 
         "cdc-dashboard: the database's schema is older than this listener: run `cdc-dashboard db apply`"
     )
     assert "Traceback" not in result.stderr
+
+
+def test_serve_with_listener_on_a_database_not_brought_up_to_date_says_db_apply(db_url: str) -> None:
+    import psycopg
+
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute("drop sequence cdc.sleeping_until_v1")
+    result = run_cli("serve", "--with-listener", CDC_DATABASE_URL=db_url, CDC_SECRET="s" * 40, CDC_HTTP_PORT="0")
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines()[-1].endswith("run `cdc-dashboard db apply`")
+    assert "Traceback" not in result.stderr

@@ -208,12 +208,15 @@ class _GatewayServer(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
-def _preflight(database_url: str) -> None:
+def _preflight(database_url: str, *, with_listener: bool) -> None:
     """Fail fast with one line, rather than a lifespan traceback, on the two usual deployment mistakes."""
     with connect_sync(database_url) as conn:
         row = conn.execute(queries("gateway")["schema_present"]).fetchone()
+        listener_ready = conn.execute(queries("listener")["schema_ready"]).fetchone() if with_listener else (True,)
     if row is None or not row[0]:
         raise UserError(f"{describe_url(database_url)} has no cdc-dashboard schema: run `cdc-dashboard db apply`")
+    if listener_ready is None or not listener_ready[0]:
+        raise UserError("the database's schema is older than this listener: run `cdc-dashboard db apply`")
 
 
 def serve(
@@ -229,7 +232,7 @@ def serve(
     `on_ready` is called once the gateway accepts connections (and the in-process listener is ready).
     Raises UserError (one line for the operator) when the database is unreachable or has no schema.
     """
-    _preflight(database_url)
+    _preflight(database_url, with_listener=with_listener)
     app = create_app(settings, database_url, with_listener=with_listener)
     config = uvicorn.Config(
         app,
