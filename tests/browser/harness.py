@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -18,6 +17,8 @@ import psycopg
 
 from cdc_dashboard.events import manual_refresh_payload
 from cdc_dashboard.gateway.auth import create_token
+
+from ..processes import stop_process
 
 __all__ = ["CHROMIUM", "CHROMIUM_ARGS", "SECRET", "Gateway", "append_invalidations"]
 
@@ -75,13 +76,7 @@ class Gateway:
         """SIGTERM, as systemd or a deploy would: the gateway drains its streams and exits."""
         if self.process is None:
             return
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process)
         self.process = None
 
     def log(self) -> str:

@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -26,6 +25,8 @@ from starlette.applications import Starlette
 from cdc_dashboard.config import Settings
 from cdc_dashboard.gateway.app import create_app
 from cdc_dashboard.gateway.auth import create_token
+
+from ..processes import stop_process
 
 __all__ = [
     "SECRET",
@@ -238,10 +239,4 @@ def serve_subprocess(db_url: str, port: int, *args: str, **env_overrides: str) -
                 time.sleep(0.1)
             yield served
         finally:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(15)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+            stop_process(proc)

@@ -16,6 +16,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 from urllib.parse import urlsplit, urlunsplit
@@ -29,6 +30,7 @@ from cdc_dashboard.probe import PROBE_BUSINESS_ID
 from cdc_dashboard.sqlfiles import queries
 
 from ..pg import clone_database, drop_database
+from ..processes import stop_process
 from .gateway_support import SECRET, free_port, serve_subprocess, token_for
 
 CLI = str(Path(sys.executable).parent / "cdc-dashboard")
@@ -231,29 +233,30 @@ def test_a_dropped_capture_trigger_is_named_and_db_apply_fixes_it(healthy: tuple
     assert code == 0, checks["capture_triggers"]
 
 
+@contextmanager
+def capture_trigger_disabled(db_url: str, table: str) -> Iterator[None]:
+    """The table's capture trigger off for the duration (a DBA's mistake doctor must name), then on again."""
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute(f"alter table {table} disable trigger cdc_capture_v1")
+        try:
+            yield
+        finally:
+            conn.execute(f"alter table {table} enable trigger cdc_capture_v1")
+
+
 def test_a_disabled_trigger_is_named_with_the_statement_that_enables_it(healthy: tuple[str, str, list[str]]) -> None:
     db_url, gateway, _ = healthy
-    with psycopg.connect(db_url, autocommit=True) as conn:
-        conn.execute("alter table bookings disable trigger cdc_capture_v1")
-        try:
-            code, checks = report(db_url, gateway)
-            assert code != 0
-            assert "bookings: trigger cdc_capture_v1 is disabled" in checks["capture_triggers"]["summary"]
-            assert (
-                checks["capture_triggers"]["fix"] == "psql: alter table public.bookings enable trigger cdc_capture_v1"
-            )
-        finally:
-            conn.execute("alter table bookings enable trigger cdc_capture_v1")
+    with capture_trigger_disabled(db_url, "bookings"):
+        code, checks = report(db_url, gateway)
+    assert code != 0
+    assert "bookings: trigger cdc_capture_v1 is disabled" in checks["capture_triggers"]["summary"]
+    assert checks["capture_triggers"]["fix"] == "psql: alter table public.bookings enable trigger cdc_capture_v1"
 
 
 def test_the_probe_names_the_hop_that_failed(healthy: tuple[str, str, list[str]]) -> None:
     db_url, gateway, _ = healthy
-    with psycopg.connect(db_url, autocommit=True) as conn:
-        conn.execute("alter table payment_transactions disable trigger cdc_capture_v1")
-        try:
-            code, checks = report(db_url, gateway)
-        finally:
-            conn.execute("alter table payment_transactions enable trigger cdc_capture_v1")
+    with capture_trigger_disabled(db_url, "payment_transactions"):
+        code, checks = report(db_url, gateway)
     assert code != 0
     probe = checks["end_to_end"]
     assert probe["status"] == "fail"
@@ -351,12 +354,7 @@ def test_a_listener_that_is_gone_is_named_at_once(db_url: str, stop: signal.Sign
                 assert proc.poll() is None and time.monotonic() < deadline, "the listener did not go live"
                 time.sleep(0.1)
     finally:
-        proc.send_signal(stop)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, stop, timeout=10)
     code, checks = report(db_url, f"http://127.0.0.1:{free_port()}")
     assert code != 0
     listener = checks["listener"]
@@ -451,12 +449,7 @@ def test_doctor_finds_the_demo_that_run_is_running_here(tmp_path: Path) -> None:
             assert result.stderr == ""
             assert "local socket" in result.stdout.splitlines()[0]
         finally:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop_process(proc, signal.SIGINT, timeout=30)
     # Once it stopped, doctor does not start the demo's database itself.
     result = subprocess.run([CLI, "doctor"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert result.returncode == 1 and "CDC_DATABASE_URL is not set" in result.stdout

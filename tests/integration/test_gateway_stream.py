@@ -218,20 +218,29 @@ async def test_connection_limit_answers_503_with_retry_after(db_url: str) -> Non
         assert s4.response.status == 200
 
 
+async def _open_stream_socket(gateway_url: str, business: str) -> socket.socket:
+    """A raw stream connection with a small receive buffer, past its 200 response head: a client the test can
+    make stop reading."""
+    port = int(gateway_url.rsplit(":", 1)[1])
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    await loop.sock_connect(sock, ("127.0.0.1", port))
+    headers = f"Host: x\r\nAuthorization: Bearer {token_for(business)}\r\n"
+    request = f"GET /v1/businesses/{business}/events HTTP/1.1\r\n{headers}\r\n"
+    await loop.sock_sendall(sock, request.encode())
+    head = await asyncio.wait_for(loop.sock_recv(sock, 256), 5)
+    assert head.startswith(b"HTTP/1.1 200")
+    return sock
+
+
 async def test_client_that_stops_reading_is_cut(db_url: str) -> None:
     """A client that stops reading is disconnected once its bounded buffer fills; others are unaffected."""
     b = _new_business()
     async with run_gateway(db_url, sse_queue_size=8) as gw, open_stream(gw.url, b, token_for(b)) as reader:
-        port = int(gw.url.rsplit(":", 1)[1])
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        sock.setblocking(False)
         loop = asyncio.get_running_loop()
-        await loop.sock_connect(sock, ("127.0.0.1", port))
-        request = f"GET /v1/businesses/{b}/events HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token_for(b)}\r\n\r\n"
-        await loop.sock_sendall(sock, request.encode())
-        head = await asyncio.wait_for(loop.sock_recv(sock, 256), 5)
-        assert head.startswith(b"HTTP/1.1 200")
+        sock = await _open_stream_socket(gw.url, b)
         reading = asyncio.create_task(reader.events(1000, timeout=10))
         # Now stop reading. Big events fill the socket buffers, then the transport, then the stream's buffer.
         big = "x" * 8000
@@ -289,16 +298,8 @@ async def test_client_whose_send_stays_blocked_is_cut_without_more_events(db_url
     gives it away, and the hub cuts it after CDC_SSE_SEND_TIMEOUT_SECONDS."""
     b = _new_business()
     async with run_gateway(db_url, sse_queue_size=10_000, sse_send_timeout_seconds=0.5) as gw:
-        port = int(gw.url.rsplit(":", 1)[1])
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        sock.setblocking(False)
         loop = asyncio.get_running_loop()
-        await loop.sock_connect(sock, ("127.0.0.1", port))
-        request = f"GET /v1/businesses/{b}/events HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token_for(b)}\r\n\r\n"
-        await loop.sock_sendall(sock, request.encode())
-        head = await asyncio.wait_for(loop.sock_recv(sock, 256), 5)
-        assert head.startswith(b"HTTP/1.1 200")
+        sock = await _open_stream_socket(gw.url, b)
         # One burst, then nothing: far more than the socket buffers hold, far less than the stream's buffer.
         with psycopg.connect(db_url, autocommit=True) as conn:
             conn.execute(
