@@ -65,7 +65,7 @@ import psycopg
 from cdc_dashboard.gateway.auth import create_token
 from cdc_dashboard.sqlfiles import queries
 from figures import load  # bench/figures.py: run as a script, bench/ is on sys.path
-from scratch import scratch_database, wait_ready
+from scratch import connection_reports, scratch_database, wait_ready
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRET = "bench-e2e-latency-" + "e" * 40
@@ -414,12 +414,7 @@ def run(url: str, args: argparse.Namespace) -> int:
                 )
             )
         procs += client_procs
-        connected = failures = 0
-        for proc in client_procs:
-            assert proc.stdout is not None
-            report = json.loads(proc.stdout.readline())
-            connected += report["connected"]
-            failures += report["failures"]
+        connected, failures = connection_reports(client_procs)
         print(f"{connected} streams connected, {failures} failures", flush=True)
 
         writer_out = workdir / "writer.json"

@@ -38,7 +38,7 @@ from pathlib import Path
 import psycopg
 
 from cdc_dashboard.gateway.auth import create_token
-from scratch import scratch_database, wait_ready
+from scratch import connection_reports, scratch_database, wait_ready
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRET = "bench-fanout-" + "b" * 40
@@ -195,12 +195,7 @@ def main() -> int:
                         text=True,
                     )
                 )
-            connected = failures = 0
-            for client in clients:
-                assert client.stdout is not None
-                report = json.loads(client.stdout.readline())
-                connected += report["connected"]
-                failures += report["failures"]
+            connected, failures = connection_reports(clients)
             connect_seconds = time.monotonic() - started
             time.sleep(args.settle)  # let the gateway settle (allocator, GC)
             rss_after = _rss_kib(gateway.pid)

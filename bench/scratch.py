@@ -1,10 +1,12 @@
-"""What the benchmarks share: a scratch database, and waiting for a gateway subprocess to be ready.
+"""What the benchmarks share: a scratch database, waiting for a gateway subprocess to be ready, and the
+connection reports of their client processes.
 
 The server is CDC_BENCH_ADMIN_URL (default: this machine's PostgreSQL, postgresql://postgres@127.0.0.1:5432/postgres).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -19,7 +21,7 @@ import psycopg
 from cdc_dashboard.db import with_database
 from cdc_dashboard.migrations import apply
 
-__all__ = ["scratch_database", "wait_ready"]
+__all__ = ["connection_reports", "scratch_database", "wait_ready"]
 
 
 @contextmanager
@@ -63,3 +65,14 @@ def wait_ready(port: int, proc: subprocess.Popen[Any], seconds: float = 60) -> N
                 return
         time.sleep(0.2)
     raise RuntimeError("the gateway did not become ready")
+
+
+def connection_reports(clients: list[subprocess.Popen[Any]]) -> tuple[int, int]:
+    """(connected, failures) summed over client processes that each print one JSON line once connected."""
+    connected = failures = 0
+    for client in clients:
+        assert client.stdout is not None
+        report = json.loads(client.stdout.readline())
+        connected += report["connected"]
+        failures += report["failures"]
+    return connected, failures
