@@ -136,7 +136,7 @@ select count(*)::int from cdc.change_log where id > $1 and row_id = $2::text
 
 -- probe_event --
 select id from dashboard.events
- where business_id = $1::text and payload -> 'changes' @> jsonb_build_array(jsonb_build_object('id', $2::text))
+ where business_id = $1::text and payload::jsonb -> 'changes' @> jsonb_build_array(jsonb_build_object('id', $2::text))
  order by id limit 1
 
 -- probe_pending --

@@ -197,3 +197,26 @@ def test_a_hand_written_change_with_a_bad_row_id_does_not_block_the_queue(conn: 
     )
     assert daily.fetchall() == [(700, 1)]
     assert conn.execute("select count(*) from cdc.change_log").fetchone() == (0,)
+
+
+def test_payload_text_escapes_every_string_and_keeps_design_key_order(conn: Conn) -> None:
+    """Payloads are put together as text: every string a writer controls must come out escaped, on one line
+    (an SSE `data:` line), and parse back to the same values."""
+    b = business(conn)
+    client = 'Wanjiku "Shiro"\nO\'Neil \\ ☕'
+    client_id = conn.execute("insert into clients (name) values (%s) returning id", (client,)).fetchone()
+    assert client_id is not None
+    p = payment(conn, b, amount=4200)
+    conn.execute("update payments set client_id = %s where id = %s", (client_id[0], p))
+    conn.execute("delete from cdc.change_log")  # the update's own change: this test writes its changes itself
+    change(conn, "public.payments", "INSERT", b, p, new={"status": "completed"})
+    shop = 'shop "north" \\ east </script>'
+    change(conn, "shop.orders", "UPDATE", shop, row='line1\nline2 "q" \\')
+    consume(conn)
+    texts = conn.execute("select payload::text from dashboard.events order by id").fetchall()
+    assert len(texts) == 2 and not any("\n" in t for (t,) in texts)
+    paid, orders = (json.loads(t) for (t,) in texts)
+    assert list(paid) == ["business_id", "query_keys", "changes", "change_count", "payments", "committed_at"]
+    assert paid["payments"][0]["client_name"] == client
+    assert orders["business_id"] == shop and orders["query_keys"] == [["dashboard-stats", shop], ["shop.orders", shop]]
+    assert orders["changes"] == [{"table": "shop.orders", "op": "UPDATE", "id": 'line1\nline2 "q" \\'}]

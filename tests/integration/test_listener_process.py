@@ -62,7 +62,7 @@ def insert_payment(conn: psycopg.Connection[Any], business: str) -> str:
 
 def delivered(conn: psycopg.Connection[Any], payment: str) -> bool:
     row = conn.execute(
-        "select exists (select 1 from dashboard.events where payload -> 'changes' @> jsonb_build_array("
+        "select exists (select 1 from dashboard.events where payload::jsonb -> 'changes' @> jsonb_build_array("
         "jsonb_build_object('id', %s::text)))",
         (payment,),
     ).fetchone()
