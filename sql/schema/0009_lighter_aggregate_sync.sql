@@ -1,14 +1,22 @@
--- The hour series is read from the facts; no hourly rollup to maintain (docs/ARCHITECTURE.md, "Aggregates").
+-- Lighter aggregate maintenance for the listener's batch (docs/ARCHITECTURE.md, "Aggregates").
 --
--- Every completed payment moved three rows: its fact, its daily bucket and its hourly bucket. The hourly
--- bucket served only the revenue series at hour granularity, which is bounded to 2,000 buckets (83 days) and
--- read far less often than payments are written. Measured (catch-up of 12,000 payments over 1,000 businesses,
--- median of 9 alternating runs): 62 -> 54 us of listener backend CPU per change without it; docs/BENCHMARKS.md,
--- "2026-11-27, third session". The facts' index on the business becomes (business, local hour): the series
--- reads one index range, and the facts still have one secondary index for the business.
+-- 1. The hour series is read from the facts; no hourly rollup to maintain. Every completed payment moved three
+--    rows: its fact, its daily bucket and its hourly bucket. The hourly bucket served only the revenue series at
+--    hour granularity, which is bounded to 2,000 buckets (83 days) and read far less often than payments are
+--    written. Measured (catch-up of 12,000 payments over 1,000 businesses, median of 9 alternating runs): 62 ->
+--    54 us of listener backend CPU per change without it. The facts' index on the business becomes (business,
+--    local hour): the series reads one index range, and the facts still have one secondary index for the
+--    business. `dashboard.revenue_hourly` stays, as a view with the table's columns: the same rows the table
+--    held (hours with at least one completed payment), for the figures query and any reader of the old table.
 --
--- `dashboard.revenue_hourly` stays, as a view with the table's columns: the same rows the table held (hours
--- with at least one completed payment), for the figures query and any reader of the old table.
+-- 2. No join of one batch-sized set to another. The facts a batch no longer counts were found by an anti-join
+--    of the old facts with the batch's current rows; under the listener's generic plans, made once per
+--    connection and often while the tables were empty, that join is a nested loop: quadratic in the batch (a
+--    bulk correction of 12,000 completed payments, consumed in batches of 5,000: 6.1 s). Replacing the other
+--    side by an index probe was worse (the plan materialised every payment, 5.5 s per batch). A set
+--    difference (EXCEPT) has no join to choose: hashed or sorted, it is linear (0.45 s). The same for bookings.
+--
+-- Measured: docs/BENCHMARKS.md, "2026-11-27, third session".
 
 drop table dashboard.revenue_hourly;
 drop index dashboard.payment_facts_business_idx;
@@ -20,7 +28,7 @@ select business_id, local_hour as hour_start, currency, sum(amount_minor)::bigin
   from dashboard.payment_facts
  group by business_id, local_hour, currency;
 
--- As in 0005, without the hourly rollup.
+-- As in 0005, without the hourly rollup, and finding facts that no longer count by index probes.
 create or replace function dashboard.sync_payments_v2(ids uuid[]) returns void
 language plpgsql as $$
 declare
@@ -62,8 +70,9 @@ begin
                local_day = excluded.local_day, local_hour = excluded.local_hour
         returning 1
     ), removed as (
+        -- (a set difference, never a join of two batch-sized sets: see the header)
         delete from dashboard.payment_facts f
-         where f.payment_id = any(ids) and not exists (select 1 from cur where cur.payment_id = f.payment_id)
+         where f.payment_id = any(array(select payment_id from old except select payment_id from cur))
         returning 1
     ), pairs as (
         select business_id, client_id from old where client_id is not null
@@ -107,6 +116,56 @@ begin
 end $$;
 
 alter function dashboard.sync_payments_v2(uuid[]) set plan_cache_mode = force_generic_plan;  -- as 0006 set it
+
+-- As in 0005, with the same change to finding facts that no longer count.
+create or replace function dashboard.sync_bookings_v2(ids uuid[]) returns void
+language plpgsql as $$
+declare
+    z_b uuid[];
+    z_s text[];
+    z_p text[];
+begin
+    if coalesce(cardinality(ids), 0) = 0 then
+        return;
+    end if;
+    perform pg_advisory_xact_lock(4242000005);
+
+    with old as (
+        select * from dashboard.booking_facts where booking_id = any(ids)
+    ), cur as (
+        select id as booking_id, business_id, status, payment_status from bookings where id = any(ids)
+    ), moved as (
+        select business_id, status, payment_status, -1 as n from old
+        union all
+        select business_id, status, payment_status, 1 from cur
+    ), counted as (
+        insert into dashboard.booking_counts as c (business_id, status, payment_status, bookings)
+        select business_id, status, payment_status, sum(n)::bigint from moved group by 1, 2, 3
+        on conflict (business_id, status, payment_status) do update set bookings = c.bookings + excluded.bookings
+        returning c.business_id, c.status, c.payment_status, c.bookings
+    ), upserted as (
+        insert into dashboard.booking_facts as f select * from cur
+        on conflict (booking_id) do update
+           set business_id = excluded.business_id, status = excluded.status, payment_status = excluded.payment_status
+        returning 1
+    ), removed as (
+        delete from dashboard.booking_facts f
+         where f.booking_id = any(array(select booking_id from old except select booking_id from cur))
+        returning 1
+    ), z as (
+        select * from counted where bookings = 0
+    )
+    select coalesce(array_agg(business_id order by business_id, status, payment_status), '{}'),
+           coalesce(array_agg(status order by business_id, status, payment_status), '{}'),
+           coalesce(array_agg(payment_status order by business_id, status, payment_status), '{}')
+      into z_b, z_s, z_p
+      from z;
+
+    delete from dashboard.booking_counts c using unnest(z_b, z_s, z_p) as z(b, s, p)
+     where c.business_id = z.b and c.status = z.s and c.payment_status = z.p and c.bookings = 0;
+end $$;
+
+alter function dashboard.sync_bookings_v2(uuid[]) set plan_cache_mode = force_generic_plan;  -- as 0006 set it
 
 -- As in 0005, without the hourly rollup.
 create or replace function dashboard.rebuild_aggregates_v2(ids uuid[])
