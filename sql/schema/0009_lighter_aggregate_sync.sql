@@ -37,9 +37,6 @@ declare
     zd_b   uuid[];
     zd_d   date[];
     zd_c   text[];
-    zh_b   uuid[];
-    zh_h   timestamptz[];
-    zh_c   text[];
 begin
     if coalesce(cardinality(ids), 0) = 0 then
         return;
@@ -52,9 +49,9 @@ begin
     ), cur as (
         select * from dashboard.completed_payment_facts_v2 where payment_id = any(ids)
     ), moved as (
-        select business_id, local_day, local_hour, currency, -amount_minor as amount, -1 as n from old
+        select business_id, local_day, currency, -amount_minor as amount, -1 as n from old
         union all
-        select business_id, local_day, local_hour, currency, amount_minor, 1 from cur
+        select business_id, local_day, currency, amount_minor, 1 from cur
     ), daily as (
         insert into dashboard.revenue_daily as r (business_id, day, currency, revenue_minor, payments_count)
         select business_id, local_day, currency, sum(amount)::bigint, sum(n)::bigint from moved group by 1, 2, 3
