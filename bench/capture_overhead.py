@@ -9,7 +9,9 @@ into the tracked `payments` and the untracked copy in alternating runs of the sa
 else the machine does hits both sides alike. Modes:
   live     `cdc-dashboard listen` runs and keeps up (it consumes, rebuilds aggregates and appends events);
   stopped  no listener: the write path alone (the change log just grows).
-Prints the median tps of each side and their ratio per mode; the scratch database is dropped at the end.
+Prints the median tps of each side and their ratio per mode, and the median of the per-round ratios (each
+round's tracked run over its untracked run, which ran next to it: less swayed by drift over the whole run); the
+scratch database is dropped at the end.
 """
 
 from __future__ import annotations
@@ -115,6 +117,7 @@ def main() -> int:
                     listener.wait(10)
             print(
                 f"{mode:8s} tracked {t:8.0f} tps  untracked {u:8.0f} tps  ratio {t / u:.2f}"
+                f"  (per round: median {statistics.median(x / y for x, y in zip(ts, us, strict=True)):.2f})"
                 f"  (runs: tracked {[round(x) for x in ts]}, untracked {[round(x) for x in us]};"
                 f" change-log backlog at end {left})",
                 flush=True,
