@@ -28,7 +28,7 @@ from pathlib import Path
 
 import psycopg
 
-from scratch import scratch_database
+from scratch import backlog, scratch_database
 
 ROOT = Path(__file__).resolve().parents[1]
 BUSINESSES = 1000
@@ -79,12 +79,6 @@ def measure(url: str, seconds: int, rounds: int, clients: int) -> tuple[float, f
         for table, results in order if i % 2 == 0 else reversed(order):
             results.append(pgbench(url, table, seconds, clients))
     return statistics.median(tracked), statistics.median(untracked), tracked, untracked
-
-
-def backlog(url: str) -> int:
-    with psycopg.connect(url, autocommit=True) as conn:
-        row = conn.execute("select count(*) from cdc.change_log").fetchone()
-    return int(row[0]) if row else -1
 
 
 def main() -> int:

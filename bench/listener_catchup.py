@@ -31,7 +31,7 @@ from pathlib import Path
 
 import psycopg
 
-from scratch import scratch_database
+from scratch import backlog, scratch_database
 
 
 def write(url: str, businesses: list[str], count: int, offset: int) -> None:
@@ -44,18 +44,17 @@ def write(url: str, businesses: list[str], count: int, offset: int) -> None:
             )
 
 
-def backlog(url: str) -> int:
-    with psycopg.connect(url, autocommit=True) as conn:
-        row = conn.execute("select count(*) from cdc.change_log").fetchone()
-    return int(row[0]) if row else -1
+def start_listener(url: str, **extra_env: str) -> subprocess.Popen[bytes]:
+    """`cdc-dashboard listen` on `url` with default settings (no CDC_* variable of this shell leaks in)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CDC_")}
+    env.update(CDC_DATABASE_URL=url, **extra_env)
+    return subprocess.Popen(
+        [str(Path(sys.executable).parent / "cdc-dashboard"), "listen"], env=env, stdout=subprocess.DEVNULL
+    )
 
 
 def bulk_update(url: str, businesses: list[str], changes: int) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CDC_")}
-    env.update(CDC_DATABASE_URL=url)
-    proc = subprocess.Popen(
-        [str(Path(sys.executable).parent / "cdc-dashboard"), "listen"], env=env, stdout=subprocess.DEVNULL
-    )
+    proc = start_listener(url)
     try:
         time.sleep(2)  # connected, caught up (nothing to catch up), asleep
         per_writer = changes // 8
@@ -102,12 +101,8 @@ def main() -> int:
             address = os.path.join(tmp, "notify.sock")
             sock.bind(address)
             sock.settimeout(120)
-            env = {k: v for k, v in os.environ.items() if not k.startswith("CDC_")}
-            env.update(CDC_DATABASE_URL=url, NOTIFY_SOCKET=address)
             t0 = time.monotonic()
-            proc = subprocess.Popen(
-                [str(Path(sys.executable).parent / "cdc-dashboard"), "listen"], env=env, stdout=subprocess.DEVNULL
-            )
+            proc = start_listener(url, NOTIFY_SOCKET=address)
             try:
                 while not sock.recv(4096).decode().startswith("READY=1"):
                     pass

@@ -1,5 +1,5 @@
-"""What the benchmarks share: a scratch database, waiting for a gateway subprocess to be ready, and the
-connection reports of their client processes.
+"""What the benchmarks share: a scratch database, its change-log backlog, waiting for a gateway subprocess to be
+ready, and the connection reports of their client processes.
 
 The server is CDC_BENCH_ADMIN_URL (default: this machine's PostgreSQL, postgresql://postgres@127.0.0.1:5432/postgres).
 """
@@ -21,7 +21,7 @@ import psycopg
 from cdc_dashboard.db import with_database
 from cdc_dashboard.migrations import apply
 
-__all__ = ["connection_reports", "scratch_database", "wait_ready"]
+__all__ = ["backlog", "connection_reports", "scratch_database", "wait_ready"]
 
 
 @contextmanager
@@ -51,6 +51,13 @@ def scratch_database(
         else:
             with psycopg.connect(admin, autocommit=True) as conn:
                 conn.execute(f'drop database if exists "{name}" with (force)')
+
+
+def backlog(url: str) -> int:
+    """Changes waiting in the change log (not consumed yet)."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        row = conn.execute("select count(*) from cdc.change_log").fetchone()
+    return int(row[0]) if row else -1
 
 
 def wait_ready(port: int, proc: subprocess.Popen[Any], seconds: float = 60) -> None:
