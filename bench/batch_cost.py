@@ -25,7 +25,7 @@ import time
 import psycopg
 
 from capture_overhead import BUSINESSES, SETUP
-from listener_parts import BATCH_FUNCTION, VARIANTS, variant_source
+from listener_parts import VARIANTS, variant_sources
 from scratch import scratch_database
 
 # Beyond bench/listener_parts.py's variants: the events without the payments' toasts (no lookup of the payment,
@@ -89,15 +89,13 @@ def main() -> int:
                 " on n.oid = c.relnamespace where c.relkind = 'r' and n.nspname in ('public', 'dashboard', 'cdc')"
                 " loop execute format('alter table %s set (autovacuum_enabled = off)', t); end loop; end $$"
             )
-            row = conn.execute("select pg_get_functiondef(%s::regprocedure)", [BATCH_FUNCTION]).fetchone()
-            assert row is not None
-            sources = {name: variant_source(row[0], rewrites) for name, rewrites in ALL_VARIANTS.items()}
+            sources = variant_sources(conn, ALL_VARIANTS)
         for i in range(args.rounds):
             for name in list(ALL_VARIANTS) if i % 2 == 0 else list(reversed(ALL_VARIANTS)):
                 results[name].append(batch_seconds(url, sources[name], args.batches))
     for name in ALL_VARIANTS:
         ms = statistics.median(results[name]) * 1000
-        # Within a round the variants ran minutes apart at most; the machine's speed drifts more between rounds.
+        # Within a round the variants run seconds apart; the machine's speed drifts more between rounds.
         share = statistics.median(x / f for x, f in zip(results[name], results["full"], strict=True))
         print(
             f"{name:14s} {ms:6.2f} ms per batch of {args.changes}  {ms * 1000 / args.changes:5.1f} µs per change"

@@ -27,10 +27,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import psycopg
 
 from capture_overhead import BUSINESSES, SETUP, pgbench
+from cpu_per_change import wait_drained
 from scratch import backlog, scratch_database
 
 BATCH_FUNCTION = "dashboard.consume_changes_body_v1(integer, text, bigint, boolean)"
@@ -51,20 +53,19 @@ VARIANTS: dict[str, list[tuple[str, str]]] = {
 }
 
 
-def variant_source(installed: str, rewrites: list[tuple[str, str]]) -> str:
-    source = installed
-    for old, new in rewrites:
-        if source.count(old) != 1:
-            raise RuntimeError(f"the batch function no longer contains {old!r} once: update the variants")
-        source = source.replace(old, new)
-    return source
-
-
-def wait_drained(url: str, seconds: float = 120) -> int:
-    deadline = time.monotonic() + seconds
-    while (left := backlog(url)) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    return left
+def variant_sources(conn: psycopg.Connection[Any], variants: dict[str, list[tuple[str, str]]]) -> dict[str, str]:
+    """Each variant's `create or replace function` statement, from the batch function installed on `conn`."""
+    row = conn.execute("select pg_get_functiondef(%s::regprocedure)", [BATCH_FUNCTION]).fetchone()
+    assert row is not None
+    sources = {}
+    for name, rewrites in variants.items():
+        source = row[0]
+        for old, new in rewrites:
+            if source.count(old) != 1:
+                raise RuntimeError(f"the batch function no longer contains {old!r} once: update the variants")
+            source = source.replace(old, new)
+        sources[name] = source
+    return sources
 
 
 def main() -> int:
@@ -76,9 +77,7 @@ def main() -> int:
     with scratch_database() as url:
         with psycopg.connect(url, autocommit=True) as conn:
             conn.execute(SETUP.format(n=BUSINESSES))
-            row = conn.execute("select pg_get_functiondef(%s::regprocedure)", [BATCH_FUNCTION]).fetchone()
-            assert row is not None
-            sources = {name: variant_source(row[0], rewrites) for name, rewrites in VARIANTS.items()}
+            sources = variant_sources(conn, VARIANTS)
         env = dict(os.environ, CDC_DATABASE_URL=url)  # CDC_LISTENER_* tunables pass through
         listener = subprocess.Popen(
             [str(Path(sys.executable).parent / "cdc-dashboard"), "listen"], env=env, stdout=subprocess.DEVNULL
