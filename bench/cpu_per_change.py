@@ -25,7 +25,7 @@ from pathlib import Path
 import psycopg
 
 from capture_overhead import BUSINESSES, SCRIPT, SETUP
-from scratch import scratch_database
+from scratch import scratch_database, wait_drained
 
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -75,12 +75,6 @@ def run_pgbench(url: str, table: str, rate: int, seconds: int) -> int:
     finally:
         os.unlink(f.name)
     return count(url, f"select count(*) from {table}")
-
-
-def wait_drained(url: str, seconds: float = 60) -> None:
-    deadline = time.monotonic() + seconds
-    while count(url, "select count(*) from cdc.change_log") and time.monotonic() < deadline:
-        time.sleep(0.05)
 
 
 def main() -> int:

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import psycopg
 
-from scratch import backlog, scratch_database
+from scratch import backlog, scratch_database, wait_drained
 
 
 def write(url: str, businesses: list[str], count: int, offset: int) -> None:
@@ -60,8 +60,9 @@ def bulk_update(url: str, businesses: list[str], changes: int) -> None:
         per_writer = changes // 8
         with ThreadPoolExecutor(8) as pool:
             list(pool.map(lambda w: write(url, businesses, per_writer, w * per_writer), range(8)))
-        while backlog(url):
-            time.sleep(0.05)
+        wait_drained(url, seconds=300)
+        if left := backlog(url):
+            raise RuntimeError(f"{left} payments still not consumed after 300 s")
         with psycopg.connect(url, autocommit=True) as conn:
             conn.execute("update payments set amount_minor = amount_minor + 1")
         started = time.monotonic()

@@ -32,8 +32,7 @@ from typing import Any
 import psycopg
 
 from capture_overhead import BUSINESSES, SETUP, pgbench
-from cpu_per_change import wait_drained
-from scratch import backlog, scratch_database
+from scratch import backlog, scratch_database, wait_drained
 
 BATCH_FUNCTION = "dashboard.consume_changes_body_v1(integer, text, bigint, boolean)"
 SKIP_AGGREGATES = [

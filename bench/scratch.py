@@ -1,5 +1,5 @@
-"""What the benchmarks share: a scratch database, its change-log backlog, waiting for a gateway subprocess to be
-ready, and the connection reports of their client processes.
+"""What the benchmarks share: a scratch database, its change-log backlog and waiting for it to drain, waiting for a
+gateway subprocess to be ready, and the connection reports of their client processes.
 
 The server is CDC_BENCH_ADMIN_URL (default: this machine's PostgreSQL, postgresql://postgres@127.0.0.1:5432/postgres).
 """
@@ -21,7 +21,7 @@ import psycopg
 from cdc_dashboard.db import with_database
 from cdc_dashboard.migrations import apply
 
-__all__ = ["backlog", "connection_reports", "scratch_database", "wait_ready"]
+__all__ = ["backlog", "connection_reports", "scratch_database", "wait_drained", "wait_ready"]
 
 
 @contextmanager
@@ -58,6 +58,13 @@ def backlog(url: str) -> int:
     with psycopg.connect(url, autocommit=True) as conn:
         row = conn.execute("select count(*) from cdc.change_log").fetchone()
     return int(row[0]) if row else -1
+
+
+def wait_drained(url: str, seconds: float = 60) -> None:
+    """Wait until the change log is empty (the listener consumed everything), at most `seconds`."""
+    deadline = time.monotonic() + seconds
+    while backlog(url) and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def wait_ready(port: int, proc: subprocess.Popen[Any], seconds: float = 60) -> None:
