@@ -28,4 +28,4 @@ insert into client_business_transactions (business_id, client_id, payment_id, ty
 values (%s, %s, %s, %s, %s, %s, %s)
 
 -- rebuild --
-select dashboard.rebuild_aggregates_v1(%s::uuid[])
+select count(*) from dashboard.rebuild_aggregates_v3(%s::uuid[])

@@ -12,11 +12,12 @@ with b as (
       from businesses where id = $1
 ), rev as (
     select r.currency,
-           sum(r.revenue_minor)::bigint as total_minor,
-           coalesce(sum(r.revenue_minor) filter (where r.day = b.today), 0)::bigint as today_minor,
+           -- numeric: exact for any sum (sql/schema/0010)
+           sum(r.revenue_minor) as total_minor,
+           coalesce(sum(r.revenue_minor) filter (where r.day = b.today), 0) as today_minor,
            coalesce(sum(r.revenue_minor) filter (
                where r.day >= date_trunc('month', b.today)::date
-                 and r.day < (date_trunc('month', b.today) + interval '1 month')::date), 0)::bigint as month_minor,
+                 and r.day < (date_trunc('month', b.today) + interval '1 month')::date), 0) as month_minor,
            sum(r.payments_count)::bigint as payments_count
       from b join dashboard.revenue_daily r on r.business_id = b.id
      group by r.currency
@@ -67,7 +68,7 @@ select ls.last_event_id as as_of_event_id, m.bucket, m.currency, m.revenue_minor
   from dashboard.listener_state ls
   left join lateral (
       select date_trunc('month', r.day)::date as bucket, r.currency,
-             sum(r.revenue_minor)::bigint as revenue_minor, sum(r.payments_count)::bigint as payments_count
+             sum(r.revenue_minor) as revenue_minor, sum(r.payments_count)::bigint as payments_count
         from dashboard.revenue_daily r
        where r.business_id = $1 and r.day >= $2 and r.day <= $3
        group by 1, 2
@@ -82,8 +83,8 @@ select ls.last_event_id as as_of_event_id, t.sort_at, t.id, t.item
   left join lateral (
       select coalesce(p.paid_at, p.created_at) as sort_at, p.id,
              jsonb_build_object(
-                 'id', p.id, 'amount_minor', p.amount_minor, 'currency', p.currency, 'method', p.method,
-                 'status', p.status, 'client_id', p.client_id, 'client_name', c.name, 'booking_id', p.booking_id,
+                 'id', p.id, 'amount_minor', p.amount_minor, 'refunded_minor', p.refunded_minor,
+                 'currency', p.currency, 'method', p.method, 'status', p.status, 'client_id', p.client_id, 'client_name', c.name, 'booking_id', p.booking_id,
                  'provider', p.provider, 'provider_reference', p.provider_reference,
                  'at', coalesce(p.paid_at, p.created_at), 'paid_at', p.paid_at, 'created_at', p.created_at
              )::text as item
@@ -102,7 +103,8 @@ select ls.last_event_id as as_of_event_id, t.sort_at, t.id, t.item
       select p.created_at as sort_at, p.id,
              jsonb_build_object(
                  'id', p.id, 'client_id', p.client_id, 'booking_id', p.booking_id,
-                 'amount_minor', p.amount_minor, 'currency', p.currency, 'method', p.method, 'status', p.status,
+                 'amount_minor', p.amount_minor, 'refunded_minor', p.refunded_minor, 'currency', p.currency,
+                 'method', p.method, 'status', p.status,
                  'provider', p.provider, 'provider_reference', p.provider_reference, 'paid_at', p.paid_at,
                  'created_at', p.created_at, 'updated_at', p.updated_at
              )::text as item
@@ -176,7 +178,7 @@ select id from businesses order by id
 
 -- rebuild --
 -- The rows a full recomputation had to repair, per business and rollup (none when all was exact).
-select business_id, rollup, rows_repaired from dashboard.rebuild_aggregates_v2($1::uuid[])
+select business_id, rollup, rows_repaired from dashboard.rebuild_aggregates_v3($1::uuid[])
 
 -- apply_changes --
 select dashboard.apply_changes_v2($1::text[], $2::text[])

@@ -6,7 +6,7 @@ select pg_try_advisory_lock(4242000004)
 
 -- schema_ready --
 -- The objects this version of the listener calls (`db apply` creates them).
-select to_regprocedure('dashboard.consume_changes_v1(integer,text,bigint)') is not null
+select to_regprocedure('dashboard.consume_changes_v2(integer,text,bigint)') is not null
    and to_regclass('cdc.sleeping_until_v1') is not null
 
 -- end_sessions --
@@ -14,9 +14,10 @@ select count(pg_terminate_backend(pid)) from pg_stat_activity
  where pid = any($1::int[]) and application_name like 'cdc-dashboard listener%'
 
 -- consume_batch --
--- The whole batch in one statement, and so one transaction in autocommit (sql/schema/0007_listener_batch.sql).
+-- The whole batch in one statement, and so one transaction in autocommit (sql/schema/0007_listener_batch.sql);
+-- a change that cannot be processed is set aside in dashboard.dead_letters (sql/schema/0010).
 select consumed, last_change_id, events_appended, last_event_id, dead_letters
-  from dashboard.consume_changes_v1($1, $2, $3)
+  from dashboard.consume_changes_v2($1, $2, $3)
 
 -- record_state --
 update dashboard.listener_state

@@ -1,7 +1,7 @@
 """Invalidation events: the query keys of DESIGN, and the payload of a manual refresh.
 
 Events for captured changes are built by the listener's batch statement in SQL
-(`dashboard.consume_changes_v1`, sql/schema/0007_listener_batch.sql), where the default mapping lives in
+(`dashboard.consume_changes_v2`, sql/schema/0007_listener_batch.sql and 0010), where the default mapping lives in
 `dashboard.query_keys_v1`: a change to payments, payment_transactions or client_business_transactions
 invalidates every figure and list of its business; a change to bookings invalidates the stats, the business
 data and the bookings list; a table tracked by an application itself invalidates the stats and a key named

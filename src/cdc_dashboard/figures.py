@@ -256,7 +256,7 @@ async def revenue_series(
     found: dict[str, dict[Any, tuple[int, int]]] = {}
     for r in rows:
         if r["currency"] is not None:
-            found.setdefault(r["currency"], {})[r["bucket"]] = (r["revenue_minor"], r["payments_count"])
+            found.setdefault(r["currency"], {})[r["bucket"]] = (int(r["revenue_minor"]), r["payments_count"])
     series = {
         currency: [
             {

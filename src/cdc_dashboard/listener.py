@@ -6,11 +6,13 @@ Life of the loop, on every (re)connect:
   3. live: consume batches while there are changes; when there are none, announce sleep (so writers start
      to NOTIFY), make sure no writer that missed the announcement is still open, look once more, and wait
      for a wake-up or the probe interval.
-Each batch is one statement, `dashboard.consume_changes_v1`, and so one transaction: it deletes the changes,
+Each batch is one statement, `dashboard.consume_changes_v2`, and so one transaction: it deletes the changes,
 brings the touched businesses' figures up to date, appends their events (which NOTIFYs the gateways once) and
 records progress, all on the server: the listener shares its cores with the writers. A failure anywhere
 rolls the batch back; the changes stay in the log for the next attempt, so a crash, a cut connection or a
-PostgreSQL restart loses nothing.
+PostgreSQL restart loses nothing. A change that cannot be processed (a value a function rejects, an overflow, a
+bug) is isolated on the server and set aside in `dashboard.dead_letters` with its error; the rest of its batch
+goes on (`cdc-dashboard dead-letters` lists, retries and discards them).
 
 Reconnects back off exponentially with jitter and never give up. A quiet connection is probed every few
 seconds with a timeout, so a dead one is noticed within 10 s even when TCP says nothing.
@@ -40,8 +42,7 @@ log = logging.getLogger("cdc_dashboard.listener")
 
 WAKE_CHANNEL = "cdc_wake_v1"
 
-# Failures that mean "the connection or the server is gone": reconnect. Anything else is a bug and stops the
-# process loudly, so systemd restarts it.
+# Failures that mean "the connection or the server is gone": reconnect.
 CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     OSError,
     asyncio.TimeoutError,
@@ -70,7 +71,11 @@ class LostLeadership(Exception):
     """The leadership connection died: another listener may be active now."""
 
 
-RECONNECT_ERRORS: tuple[type[BaseException], ...] = (*CONNECTION_ERRORS, LostLeadership)
+# A batch that fails with a database error is retried after a backoff, on fresh connections: the batch
+# function raises only errors that say nothing about the changes (a deadlock, a lock or statement timeout, a
+# shutdown, a schema a deploy has not finished), and sets a change that fails on its own data aside in
+# dashboard.dead_letters (sql/schema/0010). No error from the database stops the daemon.
+RECONNECT_ERRORS: tuple[type[BaseException], ...] = (*CONNECTION_ERRORS, LostLeadership, asyncpg.PostgresError)
 
 
 async def connect(url: str, *, application_name: str, timeout: float = 10.0) -> asyncpg.Connection:
@@ -162,7 +167,7 @@ class EnhancedRealtimeManager:
                 self._state = "connecting"
                 delay = backoff.next_delay()
                 log.warning(
-                    "listener connection lost; reconnecting",
+                    "listener session failed; reconnecting",
                     extra={"error": self._last_error, "retry_in": round(delay, 3), "attempt": backoff.attempts},
                 )
                 self._notifier.status(f"reconnecting: {self._last_error}")

@@ -1,4 +1,4 @@
-"""One listener batch, `dashboard.consume_changes_v1`, called directly: grouping, keys, toasts, resyncs, dead
+"""One listener batch, `dashboard.consume_changes_v2`, called directly: grouping, keys, toasts, resyncs, dead
 letters, the scan floor. (test_listener.py runs the same function through the listener daemon.)"""
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def change(conn: Conn, table: str, op: str, b: str | None, row: str | None = Non
 
 
 def consume(conn: Conn, from_id: int = 0) -> dict[str, Any]:
-    cur = conn.execute("select * from dashboard.consume_changes_v1(5000, 'live', %s)", (from_id,))
+    cur = conn.execute("select * from dashboard.consume_changes_v2(5000, 'live', %s)", (from_id,))
     row = cur.fetchone()
     assert row is not None and cur.description is not None
     return dict(zip([d.name for d in cur.description], row, strict=True))

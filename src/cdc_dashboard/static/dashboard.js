@@ -259,6 +259,10 @@ function renderTransactions(body) {
       const status = tx.status ?? "";
       const client = tx.client_name ?? "";
       const when = tx.at ?? tx.paid_at ?? tx.created_at; // `at`: when it was paid, else created
+      // A partial refund leaves the payment completed; revenue counts what is left, so say what went back.
+      const refunded = status === "completed" && tx.refunded_minor > 0
+        ? ` · ${formatMoney(tx.refunded_minor, tx.currency)} refunded`
+        : "";
       return el(
         "li",
         { "data-id": tx.id, "data-status": status, class: before && !before.has(tx.id) ? "fresh" : null },
@@ -268,7 +272,7 @@ function renderTransactions(body) {
           "span",
           { class: "tx-meta" },
           el("time", { datetime: when }, transactionTime(when)),
-          ` · ${methodName(tx.method)}`,
+          ` · ${methodName(tx.method)}${refunded}`,
         ),
         el("span", { class: `tx-status status-${status}` }, humanize(status)),
       );
