@@ -38,11 +38,11 @@ POISON_AMOUNT = 7  # PAYMENTS writes 100 + n: no other payment has it
 def apply_through_0009(url: str) -> object:
     """`db apply` as the previous release shipped it: the migrations up to 0009, the capture, the tracking."""
     every = migrations.schema_files
-    migrations.schema_files = lambda: [p for p in every() if p.name < "0010"]  # type: ignore[assignment]
+    migrations.schema_files = lambda: [p for p in every() if p.name < "0010"]
     try:
         return migrations.apply(url)
     finally:
-        migrations.schema_files = every  # type: ignore[assignment]
+        migrations.schema_files = every
 
 
 @contextmanager
