@@ -109,6 +109,32 @@ def cmd_aggregates_rebuild(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_dead_letters_list(args: argparse.Namespace, settings: Settings) -> int:
+    from .dead_letters import run_list
+
+    return run_list(_require_url(settings), as_json=args.json)
+
+
+def cmd_dead_letters_retry(args: argparse.Namespace, settings: Settings) -> int:
+    from .dead_letters import parse_ids, run_retry
+
+    if args.all and args.ids:
+        raise UserError("name dead letter IDs or --all, not both")
+    if not args.all and not args.ids:
+        raise UserError("name the dead letter IDs to retry (cdc-dashboard dead-letters list shows them), or --all")
+    ids = None if args.all else parse_ids(args.ids)
+    return run_retry(_require_url(settings), ids)
+
+
+def cmd_dead_letters_discard(args: argparse.Namespace, settings: Settings) -> int:
+    from .dead_letters import parse_ids, run_discard
+
+    if not args.ids:
+        raise UserError("name the dead letter IDs to discard (cdc-dashboard dead-letters list shows them)")
+    ids = parse_ids(args.ids)
+    return run_discard(_require_url(settings), ids)
+
+
 def cmd_doctor(args: argparse.Namespace, settings: Settings) -> int:
     from .doctor import run_doctor
 
@@ -165,6 +191,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rebuild.add_argument("--business", action="append", metavar="ID", help="only this business (repeatable)")
     rebuild.set_defaults(handler=cmd_aggregates_rebuild)
+
+    dead_letters = commands.add_parser(
+        "dead-letters", help="changes the listener set aside (with their errors): list, retry, discard"
+    )
+    dead_letters_commands = dead_letters.add_subparsers(
+        dest="dead_letters_command", required=True, metavar="DEAD_LETTERS_COMMAND"
+    )
+    dead_list = dead_letters_commands.add_parser("list", help="the dead letters, oldest first, with their reasons")
+    dead_list.add_argument("--json", action="store_true", help="print them as a JSON array")
+    dead_list.set_defaults(handler=cmd_dead_letters_list)
+    dead_retry = dead_letters_commands.add_parser(
+        "retry", help="put these changes back in the pipeline (after fixing the cause), in one transaction"
+    )
+    # Ids are parsed by the handler: a bad one is then a one-line error, like every other mistake.
+    dead_retry.add_argument("ids", nargs="*", metavar="ID", help="dead letter ids (from dead-letters list)")
+    dead_retry.add_argument("--all", action="store_true", help="every dead letter waiting")
+    dead_retry.set_defaults(handler=cmd_dead_letters_retry)
+    dead_discard = dead_letters_commands.add_parser(
+        "discard", help="delete these dead letters, in one transaction, printing each one whole"
+    )
+    dead_discard.add_argument("ids", nargs="*", metavar="ID", help="dead letter ids (from dead-letters list)")
+    dead_discard.set_defaults(handler=cmd_dead_letters_discard)
 
     doctor = commands.add_parser(
         "doctor", help="check that realtime works end to end: each failure says what to do (exit 0: all pass)"
