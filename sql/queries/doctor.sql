@@ -91,9 +91,19 @@ select (select created_at from oldest) as oldest_at,
   from dashboard.listener_state s
 
 -- dead_letters --
-select count(*)::bigint as count, max(created_at) as newest_at,
-       (select reason from dashboard.dead_letters order by id desc limit 1) as newest_reason
-  from dashboard.dead_letters
+-- How many changes wait in dashboard.dead_letters, and the oldest of them (ids follow the order they were set
+-- aside). The table is small: each row is a change an operator still has to retry or discard.
+with oldest as (
+    select id, created_at, change ->> 'table' as table_name, change ->> 'op' as op, reason
+      from dashboard.dead_letters order by id limit 1
+)
+select (select count(*) from dashboard.dead_letters)::bigint as count,
+       o.id as oldest_id, o.created_at as oldest_at,
+       extract(epoch from now() - o.created_at)::float8 as oldest_age_seconds,
+       o.table_name as oldest_table, o.op as oldest_op, o.reason as oldest_reason,
+       (select max(created_at) from dashboard.dead_letters) as newest_at
+  from (select 1) as one
+  left join oldest o on true
 
 -- probe_lock --
 -- One probe at a time per database (two doctors run at once take turns). Session-level: doctor connects

@@ -55,6 +55,7 @@ _LISTENER_FIX = (
     "(or run `cdc-dashboard listen`), then read its log: journalctl -u cdc-dashboard-listener"
 )
 _DB_APPLY = "run cdc-dashboard db apply"
+_DEAD_LETTERS_LIST = "cdc-dashboard dead-letters list"
 _ROLE_FIX = "run doctor with the listener's database role (CDC_DATABASE_URL as in its EnvironmentFile)"
 _MISSING_OBJECT_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.UndefinedTableError,
@@ -491,11 +492,13 @@ class _Doctor:
         row = await self._conn.fetchrow(self._q["dead_letters"])
         details = dict(row)
         if row["count"]:
+            reason = " ".join(str(row["oldest_reason"]).split())
             raise _Failed(
-                f"{row['count']} change(s) could not become events (newest {row['newest_at']:%Y-%m-%d %H:%M}: "
-                f"{row['newest_reason']})",
-                "inspect dashboard.dead_letters (select * from dashboard.dead_letters order by id desc), fix the "
-                "cause, then delete the rows you have dealt with",
+                f"{row['count']} change(s) could not become events and wait in dashboard.dead_letters; oldest "
+                f"{_seconds(row['oldest_age_seconds'])} ago (id {row['oldest_id']}, {row['oldest_op']} on "
+                f"{row['oldest_table']}: {reason})",
+                f"run `{_DEAD_LETTERS_LIST}`, fix the cause, then `cdc-dashboard dead-letters retry ID...` (or "
+                "`--all`); `cdc-dashboard dead-letters discard ID...` the ones that must never count",
                 details,
             )
         return "none", details

@@ -233,6 +233,51 @@ def test_a_dropped_capture_trigger_is_named_and_db_apply_fixes_it(healthy: tuple
     assert code == 0, checks["capture_triggers"]
 
 
+def test_waiting_dead_letters_fail_doctor_until_retried_or_discarded(healthy: tuple[str, str, list[str]]) -> None:
+    """doctor names how many wait, the oldest, and the commands; it passes again once they are dealt with."""
+    db_url, gateway, businesses = healthy
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        ids = [
+            row[0]
+            for row in conn.execute(
+                "insert into dashboard.dead_letters (change, reason, sqlstate, created_at) "
+                "select jsonb_build_object('id', n, 'table', 'public.payments', 'op', 'UPDATE',"
+                " 'business_id', %s::text, 'row_id', gen_random_uuid()::text, 'old', null, 'new', null,"
+                " 'captured_at', now()),"
+                " 'numeric field overflow', '22003', now() - make_interval(hours => 4 - n) "
+                "from generate_series(1, 3) as n order by n returning id",
+                (businesses[0],),
+            ).fetchall()
+        ]
+    code, checks = report(db_url, gateway)
+    assert code == 1
+    failed = checks["dead_letters"]
+    assert failed["status"] == "fail"
+    assert failed["summary"] == (
+        "3 change(s) could not become events and wait in dashboard.dead_letters; oldest 3.0 h ago "
+        f"(id {ids[0]}, UPDATE on public.payments: numeric field overflow)"
+    )
+    assert failed["fix"].startswith("run `cdc-dashboard dead-letters list`, fix the cause, then ")
+    assert "`cdc-dashboard dead-letters retry ID...`" in failed["fix"]
+    assert "`cdc-dashboard dead-letters discard ID...`" in failed["fix"]
+    assert failed["details"]["count"] == 3 and failed["details"]["oldest_id"] == ids[0]
+    assert [name for name, c in checks.items() if c["status"] != "pass"] == ["dead_letters"]
+
+    table = doctor(db_url, gateway)
+    assert table.returncode == 1
+    assert re.search(r"^\s+dead_letters\s+FAIL .* 3 change\(s\) could not become events", table.stdout, re.M)
+    assert "fix: run `cdc-dashboard dead-letters list`" in table.stdout
+
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("CDC_")}, "CDC_DATABASE_URL": db_url}
+    discard = subprocess.run(
+        [CLI, "dead-letters", "discard", *(str(i) for i in ids)], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert discard.returncode == 0, discard.stderr
+    code, checks = report(db_url, gateway)
+    assert code == 0, {n: c["summary"] for n, c in checks.items() if c["status"] != "pass"}
+    assert checks["dead_letters"]["summary"] == "none"
+
+
 @contextmanager
 def capture_trigger_disabled(db_url: str, table: str) -> Iterator[None]:
     """The table's capture trigger off for the duration (a DBA's mistake doctor must name), then on again."""
@@ -332,7 +377,7 @@ def test_backlog_stale_events_and_dead_letters_are_named(db_url: str) -> None:
     assert "CDC_EVENT_RETENTION_DAYS" in checks["events"]["fix"]
     assert checks["dead_letters"]["summary"].startswith("1 change(s) could not become events")
     assert "carries no business key" in checks["dead_letters"]["summary"]
-    assert checks["dead_letters"]["fix"].startswith("inspect dashboard.dead_letters")
+    assert checks["dead_letters"]["fix"].startswith("run `cdc-dashboard dead-letters list`")
 
 
 @pytest.mark.parametrize(
