@@ -43,11 +43,25 @@ select to_regclass('dashboard.events') is not null and to_regprocedure('dashboar
 
 -- listener_lag --
 -- For /metrics: the changes captured but not yet turned into events (the change log is a queue), the age of
--- the oldest of them, and the listener's heartbeat age.
+-- the oldest of them, the listener's heartbeat age, and the changes it set aside (dashboard.dead_letters: a
+-- small table, each row waiting for an operator's retry or discard).
 select (select count(*) from cdc.change_log)::bigint as backlog,
        coalesce(extract(epoch from now() - (select min(captured_at) from cdc.change_log)), 0)::float8 as lag_seconds,
-       extract(epoch from now() - s.heartbeat_at)::float8 as heartbeat_age_seconds
+       extract(epoch from now() - s.heartbeat_at)::float8 as heartbeat_age_seconds,
+       (select count(*) from dashboard.dead_letters)::bigint as dead_letters
 from dashboard.listener_state s
+
+-- dead_letters_summary --
+-- For /v1/status: how many changes the listener set aside, and since when.
+select count(*)::bigint as count, min(created_at) as oldest_at from dashboard.dead_letters
+
+-- dead_letters_recent --
+-- For /v1/status: the newest $1 of them, newest first (`cdc-dashboard dead-letters list` shows them all).
+select id, change ->> 'table' as "table", change ->> 'op' as op, change ->> 'business_id' as business_id,
+       change ->> 'row_id' as row_id, reason, sqlstate, created_at
+from dashboard.dead_letters
+order by id desc
+limit $1
 
 -- hub_recent --
 -- The newest $2 events up to the hub's starting position $1, newest first, kept in memory for resuming streams.

@@ -1,4 +1,5 @@
-"""`cdc-dashboard dead-letters` as operators run it (the real CLI in a subprocess, a real PostgreSQL).
+"""`cdc-dashboard dead-letters` as operators run it (the real CLI in a subprocess, a real PostgreSQL), and the
+dead letters in `/v1/status` and `/metrics` (real HTTP). doctor's check is in test_doctor.py.
 
 Dead letters are made the ways the listener makes them: a change it rejects outright (no business key), and a
 captured change moved into `dashboard.dead_letters` exactly as the batch stores one (as it will for a change
@@ -11,9 +12,10 @@ import json
 import re
 import time
 import uuid
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
+import aiohttp
 import asyncpg
 import psycopg
 import pytest
@@ -21,6 +23,7 @@ import pytest
 from cdc_dashboard import figures
 
 from ..listening import event_rows, payment_ids_in_events, running_listener, wait_for
+from .gateway_support import run_gateway, token_for
 from .test_cli import run_cli
 
 Conn = psycopg.Connection[Any]
@@ -387,3 +390,57 @@ async def test_a_retried_payment_is_consumed_by_the_listener_and_the_figures_com
                 assert stats.figures["revenue"]["KES"]["total_minor"] == 400000
             finally:
                 await oracle.close()
+
+
+# -- /v1/status and /metrics -----------------------------------------------------------------------------------
+
+
+async def test_status_lists_the_newest_dead_letters_and_metrics_count_them(db_url: str) -> None:
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        b = new_business(conn)
+        ids = [
+            set_aside(conn, pay(conn, b, amount)[1], f"numeric field overflow {amount}", "22003")
+            for amount in range(1, 26)
+        ]
+        no_key = rejected_by_the_listener(conn)
+        ids.append(no_key)
+        conn.execute(
+            "update dashboard.dead_letters set created_at = now() - interval '2 hours' where id = %s", (ids[0],)
+        )
+    headers = {"Authorization": f"Bearer {token_for(admin=True)}"}
+
+    async def status(session: aiohttp.ClientSession, base: str) -> dict[str, Any]:
+        async with session.get(f"{base}/v1/status", headers=headers) as r:
+            assert r.status == 200, await r.text()
+            return dict(await r.json())
+
+    async def gauge(session: aiohttp.ClientSession, base: str) -> float:
+        async with session.get(f"{base}/metrics") as r:
+            assert r.status == 200
+            found = re.search(r"^cdc_dead_letters (\S+)$", await r.text(), re.M)
+        assert found, "no cdc_dead_letters gauge"
+        return float(found.group(1))
+
+    async with run_gateway(db_url) as gw, aiohttp.ClientSession() as session:
+        body = await status(session, gw.url)
+        assert body["database"] == "ok" and body["listener_state"] is not None
+        dead = body["dead_letters"]
+        assert set(dead) == {"count", "oldest_at", "recent"}
+        assert dead["count"] == 26
+        assert datetime.now().astimezone() - datetime.fromisoformat(dead["oldest_at"]) > timedelta(hours=1)
+        assert [d["id"] for d in dead["recent"]] == ids[::-1][:20]  # the newest 20, newest first
+        for d in dead["recent"]:
+            assert set(d) == {"id", "table", "op", "business_id", "row_id", "reason", "sqlstate", "created_at"}
+        newest, second = dead["recent"][0], dead["recent"][1]
+        assert newest["business_id"] is None and newest["sqlstate"] is None
+        assert newest["reason"] == "INSERT on public.payments carries no business key"
+        assert (second["table"], second["op"], second["business_id"]) == ("public.payments", "INSERT", b)
+        assert (second["reason"], second["sqlstate"]) == ("numeric field overflow 25", "22003")
+        assert await gauge(session, gw.url) == 26
+
+        discard = await asyncio.to_thread(
+            run_cli, "dead-letters", "discard", *(str(i) for i in ids), CDC_DATABASE_URL=db_url
+        )
+        assert discard.returncode == 0, discard.stderr
+        assert (await status(session, gw.url))["dead_letters"] == {"count": 0, "oldest_at": None, "recent": []}
+        assert await gauge(session, gw.url) == 0

@@ -56,6 +56,12 @@ class GatewayMetrics:
             "time since the listener's last heartbeat (read at scrape)",
             registry=self.registry,
         )
+        self.dead_letters = Gauge(
+            "cdc_dead_letters",
+            "changes the listener set aside in dashboard.dead_letters, waiting for `cdc-dashboard dead-letters "
+            "retry` or `discard` (read at scrape)",
+            registry=self.registry,
+        )
         self.position = Gauge(
             "cdc_gateway_position", "id of the last event this gateway dispatched", registry=self.registry
         )

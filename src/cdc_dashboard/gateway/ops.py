@@ -6,6 +6,7 @@ import asyncio
 from datetime import datetime, timedelta
 from typing import Any
 
+import asyncpg
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -19,6 +20,7 @@ from .metrics import GatewayMetrics
 __all__ = ["routes"]
 
 _PROBE_TIMEOUT = 2.0
+STATUS_DEAD_LETTERS = 20  # the newest dead letters /v1/status lists (`cdc-dashboard dead-letters list`: all)
 
 
 async def healthz(request: Request) -> Response:
@@ -64,6 +66,7 @@ async def metrics(request: Request) -> Response:
         gateway_metrics.listener_lag.set(row["lag_seconds"])
         if row["heartbeat_age_seconds"] is not None:
             gateway_metrics.listener_heartbeat_age.set(row["heartbeat_age_seconds"])
+        gateway_metrics.dead_letters.set(row["dead_letters"])
     return Response(generate_latest(gateway_metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
@@ -75,15 +78,32 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+async def _dead_letters(conn: asyncpg.Connection) -> dict[str, Any]:
+    """The changes the listener set aside: how many, since when, and the newest few (docs/API.md)."""
+    q = queries("gateway")
+    summary = await conn.fetchrow(q["dead_letters_summary"])
+    recent = await conn.fetch(q["dead_letters_recent"], STATUS_DEAD_LETTERS)
+    return {
+        "count": summary["count"],
+        "oldest_at": _jsonable(summary["oldest_at"]),
+        "recent": [{key: _jsonable(value) for key, value in dict(r).items()} for r in recent],
+    }
+
+
 async def status(request: Request) -> Response:
-    """Troubleshooting state for an admin: this gateway, the listener's bookkeeping row, the embedded listener."""
+    """Troubleshooting state for an admin: this gateway, the listener's bookkeeping row, the changes it set
+    aside, the embedded listener."""
     authorize_admin(request)
     hub: Hub = request.app.state.hub
     body: dict[str, Any] = {"gateway": hub.status()}
     try:
         async with asyncio.timeout(_PROBE_TIMEOUT), request.app.state.pool.acquire() as conn:
             row = await conn.fetchrow(queries("gateway")["listener_state"])
-        body["listener_state"] = {key: _jsonable(value) for key, value in dict(row).items()} if row else None
+            body["listener_state"] = {key: _jsonable(value) for key, value in dict(row).items()} if row else None
+            try:
+                body["dead_letters"] = await _dead_letters(conn)
+            except asyncpg.PostgresError as exc:  # e.g. a schema older than this gateway: the rest still helps
+                body["dead_letters"] = {"error": f"{type(exc).__name__}: {exc}"}
         body["database"] = "ok"
     except Exception as exc:
         body["database"] = f"unreachable: {type(exc).__name__}"
