@@ -91,7 +91,7 @@ def rejected_by_the_listener(conn: Conn) -> int:
         " values ('public.payments', 'INSERT', null, %s, '{\"status\": \"completed\"}')",
         (str(uuid.uuid4()),),
     )
-    result = conn.execute("select dead_letters from dashboard.consume_changes_v1(100, 'live', 0)").fetchone()
+    result = conn.execute("select dead_letters from dashboard.consume_changes_v2(100, 'live', 0)").fetchone()
     assert result is not None and len(result[0]) == 1
     row = conn.execute("select max(id) from dashboard.dead_letters").fetchone()
     assert row is not None
@@ -348,28 +348,46 @@ def test_discard_deletes_them_and_prints_each_whole(db_url: str, conn: Conn) -> 
 # -- through a running listener --------------------------------------------------------------------------------
 
 
-async def test_a_retried_payment_is_consumed_by_the_listener_and_the_figures_come_right(db_url: str) -> None:
-    """A completed payment whose change was set aside is missing from the figures; once retried, a running
-    listener (woken, not waiting for its poll) consumes it: an event names it with its toast, and the figures
-    equal the ledger again."""
+async def test_after_the_fix_a_retried_payment_is_consumed_by_the_listener_and_the_figures_come_right(
+    db_url: str,
+) -> None:
+    """A running listener sets aside a completed payment whose processing fails (the poison: a check on the
+    facts table that rejects its amount, as test_listener_poison.py makes one); the payment is missing from the
+    figures. Once the cause is fixed, `dead-letters retry` puts it back: the listener (woken by the retry, not by
+    its poll) consumes it, an event names it with its toast, and the figures equal the ledger again."""
     from .test_aggregates_exact import expected_figures
 
+    poison = 666
     with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute(f"alter table dashboard.payment_facts add constraint poison check (amount_minor <> {poison})")
         b = new_business(conn)
-        counted, _ = pay(conn, b, 150000)
-        lost, lost_change = pay(conn, b, 250000)
-        letter = set_aside(conn, lost_change, "numeric field overflow", "22003")
         async with running_listener(db_url, probe_interval=30.0):
-            await wait_for(lambda: counted in payment_ids_in_events(db_url))
+            with conn.transaction():  # one batch: the poison sits among good changes
+                counted, _ = pay(conn, b, 150000)
+                lost, _ = pay(conn, b, poison)
+                also_counted, _ = pay(conn, b, 250000)
+            await wait_for(lambda: also_counted in payment_ids_in_events(db_url))
+            assert counted in payment_ids_in_events(db_url)
+            [(letter, change, reason, sqlstate)] = letters(conn)
+            assert (change["row_id"], change["op"], sqlstate) == (lost, "INSERT", "23514")
+            assert 'violates check constraint "poison"' in reason
+            assert lost not in payment_ids_in_events(db_url)
+            listed = run_cli("dead-letters", "list", "--json", CDC_DATABASE_URL=db_url)
+            assert [(d["id"], d["row_id"], d["sqlstate"]) for d in json.loads(listed.stdout)] == [
+                (letter, lost, "23514")
+            ]
+
             oracle = await asyncpg.connect(db_url)
             try:
                 stats = await figures.stats(oracle, uuid.UUID(b))
                 assert stats is not None
-                assert stats.figures["payments_count"] == 1  # the set-aside payment counts nowhere yet
-                assert stats.figures["revenue"]["KES"]["total_minor"] == 150000
+                assert stats.figures["payments_count"] == 2  # the set-aside payment counts nowhere yet
+                assert stats.figures["revenue"]["KES"]["total_minor"] == 400000
+                assert stats.figures != await expected_figures(oracle, uuid.UUID(b))
+
+                conn.execute("alter table dashboard.payment_facts drop constraint poison")  # the fix
                 await wait_for(lambda: conn.execute(SLEEPING).fetchone() == (True,), timeout=5)
                 last_event = event_rows(db_url)[-1]["id"]
-
                 started = time.monotonic()
                 result = await asyncio.to_thread(run_cli, "dead-letters", "retry", str(letter), CDC_DATABASE_URL=db_url)
                 assert result.returncode == 0, result.stderr
@@ -386,8 +404,8 @@ async def test_a_retried_payment_is_consumed_by_the_listener_and_the_figures_com
                     stats = await figures.stats(oracle, uuid.UUID(b))
                     assert stats is not None
                     assert stats.figures == await expected_figures(oracle, uuid.UUID(b))
-                assert stats.figures["payments_count"] == 2
-                assert stats.figures["revenue"]["KES"]["total_minor"] == 400000
+                assert stats.figures["payments_count"] == 3
+                assert stats.figures["revenue"]["KES"]["total_minor"] == 400000 + poison
             finally:
                 await oracle.close()
 
