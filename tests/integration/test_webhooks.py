@@ -165,7 +165,7 @@ def test_paystack_paid_at_falls_back_to_paidAt(server: WebhookServer) -> None:
         ({"reference": None}, "data.reference"),
         ({"reference": ""}, "data.reference"),
         ({"amount": "100.5"}, "fraction"),
-        ({"amount": -1}, "non-negative"),
+        ({"amount": -1}, "more than zero"),
         ({"amount": "ten"}, "number"),
         ({"amount": True}, "number"),
         ({"amount": 2**63}, "too large"),
@@ -182,6 +182,71 @@ def test_paystack_missing_or_malformed_fields_are_400(
     assert response.status_code == 400, response.text
     assert reason in response.json()["error"]
     assert table_counts(refusals) == before
+
+
+# Amounts are bounded like the payments table (0 < amount <= 10^12 minor units): a zero, negative or absurd
+# amount is refused with the field's name, before anything is written. Before the bounds, a C2B TransAmount of
+# "50000000000000000" was recorded, and the sum of two such payments overflowed the figures (issue 14).
+PAYSTACK_OUT_OF_RANGE = [
+    (0, "more than zero"),
+    ("0", "more than zero"),
+    (-100, "more than zero"),
+    ("-1", "more than zero"),
+    (10**12 + 1, "too large"),
+    ("50000000000000000", "too large"),
+]
+MPESA_OUT_OF_RANGE = [
+    ("0", "more than zero"),
+    ("0.00", "more than zero"),
+    ("-5", "more than zero"),
+    ("10000000000.01", "too large"),  # 10^12 minor units and one cent
+    ("50000000000000000", "too large"),
+]
+
+
+@pytest.mark.parametrize(("amount", "reason"), PAYSTACK_OUT_OF_RANGE)
+@pytest.mark.parametrize("event", ["charge.success", "refund.processed"])
+def test_paystack_amount_out_of_range_is_400(refusals: WebhookServer, event: str, amount: Any, reason: str) -> None:
+    business = refusals.one("select id from businesses where mpesa_shortcode = '600966'")
+    if event == "charge.success":
+        body = charge(business, amount=amount)
+    else:
+        body = fixture("paystack/refund_processed")
+        body["data"]["amount"] = amount
+    before = table_counts(refusals)
+    response = refusals.paystack(body)
+    assert response.status_code == 400, response.text
+    assert "data.amount" in response.json()["error"] and reason in response.json()["error"]
+    assert table_counts(refusals) == before
+
+
+@pytest.mark.parametrize(("amount", "reason"), MPESA_OUT_OF_RANGE)
+@pytest.mark.parametrize("kind", ["stk", "c2b/validation", "c2b/confirmation"])
+def test_mpesa_amount_out_of_range_is_400(refusals: WebhookServer, kind: str, amount: str, reason: str) -> None:
+    # The refusals database has the shortcode 600966 and a pending STK push for the fixture's CheckoutRequestID:
+    # without the bounds each of these bodies would be recorded (or accepted, for validation).
+    if kind == "stk":
+        raw = json.dumps(fixture("mpesa/stk_success")).replace('"Value": 1.0', f'"Value": {amount}')
+        field = "Amount"
+    else:
+        raw = json.dumps(fixture("mpesa/c2b_confirmation_v2")).replace('"5.00"', f'"{amount}"')
+        field = "TransAmount"
+    assert amount in raw
+    before = table_counts(refusals)
+    response = refusals.mpesa(kind, raw.encode())
+    assert response.status_code == 400, response.text
+    assert field in response.json()["error"] and reason in response.json()["error"]
+    assert table_counts(refusals) == before
+
+
+def test_largest_amount_is_accepted(server: WebhookServer) -> None:
+    """The bound itself, 10^12 minor units, is a payment the table accepts: recorded, not refused."""
+    business = server.business(shortcode="600966")
+    assert server.paystack(charge(business, amount=10**12)).status_code == 200
+    c2b = json.dumps(fixture("mpesa/c2b_confirmation_v2")).replace('"5.00"', '"10000000000.00"')
+    assert server.mpesa("c2b/validation", c2b.encode()).json() == C2B_ACCEPTED
+    assert server.mpesa("c2b/confirmation", c2b.encode()).json() == C2B_ACCEPTED
+    assert sorted(p[3] for p in payments(server)) == [10**12, 10**12]
 
 
 @pytest.mark.parametrize(

@@ -36,8 +36,9 @@ def load(name: str) -> Any:
         ("5.00", 100, 500),
         ("0.01", 100, 1),
         (Decimal("12345.67"), 100, 1234567),
-        (0, 100, 0),
         ("1e2", 1, 100),
+        (10**12, 1, 10**12),
+        ("10000000000.00", 100, 10**12),
     ],
 )
 def test_minor_units_exact(value: Any, scale: int, minor: int) -> None:
@@ -46,7 +47,7 @@ def test_minor_units_exact(value: Any, scale: int, minor: int) -> None:
 
 @pytest.mark.parametrize(
     "value",
-    [None, True, "", "abc", "1,000", "-1", -5, Decimal("0.005"), "100.5", 1.5, "NaN", "Infinity", [], {}, 2**63],
+    [None, True, "", "abc", "1,000", "--1", Decimal("0.005"), "100.5", 1.5, "NaN", "Infinity", [], {}],
 )
 def test_minor_units_refuses(value: Any) -> None:
     scale = 100 if isinstance(value, Decimal) else 1
@@ -54,7 +55,28 @@ def test_minor_units_refuses(value: Any) -> None:
         minor_units(value, "amount", scale=scale)
 
 
-@given(st.decimals(min_value=0, max_value=10**12, places=2, allow_nan=False, allow_infinity=False))
+@pytest.mark.parametrize(
+    ("value", "scale", "reason"),
+    [
+        (0, 1, "more than zero"),
+        ("0.00", 100, "more than zero"),
+        ("-0", 1, "more than zero"),
+        (-5, 1, "more than zero"),
+        ("-1", 100, "more than zero"),
+        (10**12 + 1, 1, "too large"),
+        ("10000000000.01", 100, "too large"),
+        ("50000000000000000", 100, "too large"),
+        (2**63, 1, "too large"),
+        (Decimal("1E+999999999"), 100, "too large"),
+    ],
+)
+def test_minor_units_bounds(value: Any, scale: int, reason: str) -> None:
+    """A payment is more than zero and at most 10^12 minor units, the payments table's bound."""
+    with pytest.raises(BadPayload, match=reason):
+        minor_units(value, "amount", scale=scale)
+
+
+@given(st.decimals(min_value=Decimal("0.01"), max_value=10**10, places=2, allow_nan=False, allow_infinity=False))
 @settings(max_examples=50, database=None)
 def test_minor_units_shillings_round_trip(shillings: Decimal) -> None:
     as_json = json.loads(
