@@ -28,12 +28,14 @@ insert into clients (name, phone, email) values ($1::text, $2::text, $3::text) r
 select id from bookings where id = $1::uuid and business_id = $2::uuid for update
 
 -- payment_by_reference --
-select id, business_id, client_id, booking_id, amount_minor, currency, status, mpesa_receipt, paid_at
+select id, business_id, client_id, booking_id, amount_minor, refunded_minor, currency, status, mpesa_receipt,
+       paid_at
 from payments where provider = $1::text and provider_reference = $2::text
 for update
 
 -- payment_by_receipt --
-select id, business_id, client_id, booking_id, amount_minor, currency, status, mpesa_receipt, paid_at
+select id, business_id, client_id, booking_id, amount_minor, refunded_minor, currency, status, mpesa_receipt,
+       paid_at
 from payments where mpesa_receipt = $1::text
 for update
 
@@ -57,7 +59,13 @@ where id = $1::uuid
 update payments set status = 'failed' where id = $1::uuid
 
 -- refund_payment --
-update payments set status = 'refunded' where id = $1::uuid
+-- Nets one refund's applied amount ($2, at most what is left: recording.py works it out from the locked row)
+-- out of the payment; `refunded` once nothing is left. A partial refund leaves it `completed`, counted for
+-- amount_minor - refunded_minor.
+update payments
+set refunded_minor = refunded_minor + $2::bigint,
+    status = case when refunded_minor + $2::bigint >= amount_minor then 'refunded' else status end
+where id = $1::uuid
 
 -- move_payment_transactions --
 -- The same M-Pesa payment reached us first by C2B, then by STK: the app's payment takes over the C2B
@@ -73,8 +81,12 @@ where payment_id = $2::uuid
 delete from payments where id = $1::uuid
 
 -- insert_payment_transaction --
-insert into payment_transactions (business_id, payment_id, provider, amount_minor, currency, status, raw)
-values ($1::uuid, $2::uuid, $3::text, $4::bigint, $5::text, $6::text, $7::text::jsonb)
+-- provider_reference ($8) is set for events that are not the payment itself (a refund: 'refund:' || its
+-- refund_reference); unique per provider, so a redelivered refund inserts nothing and returns no row.
+insert into payment_transactions (business_id, payment_id, provider, amount_minor, currency, status, raw,
+                                  provider_reference)
+values ($1::uuid, $2::uuid, $3::text, $4::bigint, $5::text, $6::text, $7::text::jsonb, $8::text)
+on conflict (provider, provider_reference) where provider_reference is not null do nothing
 returning id
 
 -- insert_ledger --
@@ -88,9 +100,9 @@ values ($1::uuid, $2::uuid, $3::uuid, $4::text, $5::bigint, $6::text)
 select 1 from bookings where id = $1::uuid for update
 
 -- refresh_booking_payment_status --
--- paid when the booking's completed payments (in its currency) cover what is due, partially_paid below,
--- refunded when nothing completed is left but something was refunded; otherwise unchanged. Written only
--- when it changes, so a duplicate webhook causes no booking event.
+-- paid when the booking's completed payments (in its currency), net of their partial refunds, cover what is
+-- due, partially_paid below, refunded when nothing completed is left but something was refunded; otherwise
+-- unchanged. Written only when it changes, so a duplicate webhook causes no booking event.
 update bookings b
 set payment_status = s.next
 from (
@@ -103,7 +115,7 @@ from (
            end as next
     from bookings bk,
          lateral (
-             select coalesce(sum(amount_minor) filter (where status = 'completed'), 0) as completed,
+             select coalesce(sum(amount_minor - refunded_minor) filter (where status = 'completed'), 0) as completed,
                     count(*) filter (where status = 'refunded') as refunded
              from payments
              where booking_id = bk.id and currency = bk.currency

@@ -1,8 +1,9 @@
 """Paystack webhooks: the signature, and the two events we record (`charge.success`, `refund.processed`).
 
 Paystack signs the raw body: `x-paystack-signature` is the lowercase hex HMAC-SHA512 of the exact bytes
-received, keyed with the secret key. The body has no event id; charges are deduplicated on `data.reference`
-and refunds point back to their charge with `data.transaction_reference`. Amounts are already in subunits.
+received, keyed with the secret key. The body has no event id; charges are deduplicated on `data.reference`;
+refunds point back to their charge with `data.transaction_reference` and are deduplicated on their own
+`data.refund_reference`. Amounts are already in subunits.
 """
 
 from __future__ import annotations
@@ -59,8 +60,8 @@ class PaystackCharge:
 
 @dataclass(frozen=True)
 class PaystackRefund:
-    transaction_reference: str
-    refund_reference: str | None
+    transaction_reference: str  # the charge's data.reference
+    refund_reference: str  # this refund's own key: one payment may be refunded several times, in parts
     amount_minor: int
     currency: str
 
@@ -118,7 +119,8 @@ def _charge(data: dict[str, Any]) -> PaystackCharge:
 def _refund(data: dict[str, Any]) -> PaystackRefund:
     return PaystackRefund(
         transaction_reference=required_text(data.get("transaction_reference"), "data.transaction_reference"),
-        refund_reference=optional_text(data.get("refund_reference"), "data.refund_reference"),
+        # Required: without it a second refund of the payment cannot be told from a redelivery of the first.
+        refund_reference=required_text(data.get("refund_reference"), "data.refund_reference"),
         amount_minor=minor_units(data.get("amount"), "data.amount", scale=1),
         currency=currency_code(data.get("currency"), "data.currency"),
     )

@@ -11,8 +11,10 @@ payment key → client key → booking row, so concurrent webhooks cannot deadlo
 with some other writer is retried too.
 
 A duplicate (the payment is already in the state the webhook reports) writes nothing: its raw body was
-stored when the payment was first recorded. An event that names no known business or payment is kept in
-`payment_transactions` with a null business and payment: it is in no business's figures.
+stored when the payment was first recorded. A refund is an event of its own, not a state of its payment (one
+payment may be refunded several times, in parts): it is a duplicate when its own reference is already in
+`payment_transactions`. An event that names no known business or payment is kept in `payment_transactions`
+with a null business and payment: it is in no business's figures.
 """
 
 from __future__ import annotations
@@ -134,10 +136,21 @@ async def _audit(
     currency: str,
     status: str,
     raw: str,
-) -> None:
-    await conn.execute(
-        _q()["insert_payment_transaction"], business_id, payment_id, provider, amount_minor, currency, status, raw
+    provider_reference: str | None = None,
+) -> bool:
+    """The provider row holding the raw body; False when one with this provider_reference is already there."""
+    written = await conn.fetchval(
+        _q()["insert_payment_transaction"],
+        business_id,
+        payment_id,
+        provider,
+        amount_minor,
+        currency,
+        status,
+        raw,
+        provider_reference,
     )
+    return written is not None
 
 
 async def _ledger(
@@ -250,9 +263,16 @@ async def _complete_pending(
 
 
 async def _unattributed(
-    conn: asyncpg.Connection, *, provider: str, amount_minor: int, currency: str, status: str, raw: str
+    conn: asyncpg.Connection,
+    *,
+    provider: str,
+    amount_minor: int,
+    currency: str,
+    status: str,
+    raw: str,
+    provider_reference: str | None = None,
 ) -> Recorded:
-    await _audit(
+    written = await _audit(
         conn,
         business_id=None,
         payment_id=None,
@@ -261,8 +281,9 @@ async def _unattributed(
         currency=currency,
         status=status,
         raw=raw,
+        provider_reference=provider_reference,
     )
-    return Recorded("unattributed")
+    return Recorded("unattributed" if written else "duplicate")
 
 
 # -- Paystack ------------------------------------------------------------------------------------------------
@@ -336,45 +357,87 @@ async def record_paystack_charge(pool: asyncpg.Pool, charge: PaystackCharge, raw
     return await _in_transaction(pool, work)
 
 
-async def record_paystack_refund(pool: asyncpg.Pool, refund: PaystackRefund, raw: str) -> Recorded:
-    """`refund.processed`: the completed charge it points back to is refunded."""
+def _refund_key(refund: PaystackRefund) -> str:
+    """The refund's `payment_transactions.provider_reference`: its own reference, apart from charge references."""
+    return f"refund:{refund.refund_reference}"
 
-    async def work(conn: asyncpg.Connection) -> Recorded:
-        await _lock(conn, f"{PAYSTACK}:{refund.transaction_reference}")
-        row = await conn.fetchrow(_q()["payment_by_reference"], PAYSTACK, refund.transaction_reference)
-        if row is not None and row["status"] == "refunded":
-            return Recorded("duplicate", row["id"], row["business_id"])
-        if row is None or row["status"] != "completed":
-            # A refund of a charge we never saw complete moves no money we counted: kept for audit only.
-            return await _unattributed(
-                conn,
-                provider=PAYSTACK,
-                amount_minor=refund.amount_minor,
-                currency=refund.currency,
-                status="refunded",
-                raw=raw,
-            )
-        await conn.execute(_q()["refund_payment"], row["id"])
-        await _audit(
+
+async def record_paystack_refund(pool: asyncpg.Pool, refund: PaystackRefund, raw: str) -> Recorded:
+    """`refund.processed`: nets the refund out of the completed charge it points back to, once per refund.
+
+    Idempotent on the refund's own reference, not on the payment's state: one payment may be refunded several
+    times, in parts, and each part's body is kept. The refund's provider row is written first, under the
+    unique (provider, provider_reference): a redelivery writes nothing there, so it writes nothing at all.
+    """
+    key = _refund_key(refund)
+
+    async def _refund_unattributed(conn: asyncpg.Connection) -> Recorded:
+        return await _unattributed(
             conn,
-            business_id=row["business_id"],
-            payment_id=row["id"],
             provider=PAYSTACK,
             amount_minor=refund.amount_minor,
             currency=refund.currency,
             status="refunded",
             raw=raw,
+            provider_reference=key,
         )
-        await _ledger(
+
+    async def work(conn: asyncpg.Connection) -> Recorded:
+        # The charge's own key: a refund waits for the charge's delivery, and refunds of one payment for each
+        # other, so each sees what the one before left.
+        await _lock(conn, f"{PAYSTACK}:{refund.transaction_reference}")
+        row = await conn.fetchrow(_q()["payment_by_reference"], PAYSTACK, refund.transaction_reference)
+        if row is None or row["status"] not in ("completed", "refunded"):
+            # A refund of a charge we never saw complete moves no money we counted: kept for audit only.
+            return await _refund_unattributed(conn)
+        if row["currency"] != refund.currency:
+            # Paystack refunds in the charge's currency: this cannot be netted out of the payment's amount.
+            log.warning(
+                "ingest: refund currency differs from the payment's; kept unattributed",
+                extra={"payment_id": str(row["id"]), "refund_reference": refund.refund_reference},
+            )
+            return await _refund_unattributed(conn)
+        # A payment already `refunded` has nothing left, whatever refunded_minor says (rows refunded in full
+        # before the column existed have 0 there).
+        left = 0 if row["status"] == "refunded" else row["amount_minor"] - row["refunded_minor"]
+        applied = min(refund.amount_minor, left)
+        written = await _audit(
             conn,
             business_id=row["business_id"],
-            client_id=row["client_id"],
             payment_id=row["id"],
-            kind="refund",
-            amount=refund.amount_minor,
+            provider=PAYSTACK,
+            amount_minor=applied,
             currency=refund.currency,
+            status="refunded",
+            raw=raw,
+            provider_reference=key,
         )
-        await _refresh_booking(conn, row["booking_id"])
+        if not written:
+            return Recorded("duplicate", row["id"], row["business_id"])
+        if applied < refund.amount_minor:
+            # Answered 200 all the same: the refund happened at Paystack, which would retry anything else for 72
+            # hours; the figures cannot go below zero for this payment, and the body is kept for whoever checks.
+            log.warning(
+                "ingest: refund of more than what is left of the payment; refunded only what was left",
+                extra={
+                    "payment_id": str(row["id"]),
+                    "refund_reference": refund.refund_reference,
+                    "amount_minor": refund.amount_minor,
+                    "applied_minor": applied,
+                },
+            )
+        if applied > 0:
+            await conn.execute(_q()["refund_payment"], row["id"], applied)
+            await _ledger(
+                conn,
+                business_id=row["business_id"],
+                client_id=row["client_id"],
+                payment_id=row["id"],
+                kind="refund",
+                amount=applied,
+                currency=refund.currency,
+            )
+            await _refresh_booking(conn, row["booking_id"])
         return Recorded("refunded", row["id"], row["business_id"])
 
     return await _in_transaction(pool, work)
