@@ -290,13 +290,32 @@ async def _unattributed(
 
 
 async def _paystack_business(conn: asyncpg.Connection, charge: PaystackCharge) -> uuid.UUID | None:
+    """The business a new charge pays, or None (kept unattributed).
+
+    The subaccount is set by the business's Paystack integration; metadata by whoever opens the checkout, which
+    with Paystack Inline is the payer's browser. So the subaccount decides, and metadata.business_id counts
+    only when the event names no subaccount, or agrees with it. A disagreement (including a subaccount no
+    business has) moves the money to nobody rather than to the wrong business, and is logged for whoever
+    sorts it out.
+    """
     q = _q()
-    if charge.business_id is not None and await conn.fetchval(q["business_exists"], charge.business_id):
-        return charge.business_id
     if charge.subaccount_code:
         found = await conn.fetchval(q["business_by_subaccount"], charge.subaccount_code)
-        if found is not None:
-            return uuid.UUID(str(found))
+        owner = None if found is None else uuid.UUID(str(found))
+        if charge.business_id is not None and charge.business_id != owner:
+            log.warning(
+                "ingest: Paystack metadata.business_id and subaccount disagree; kept unattributed",
+                extra={
+                    "reference": charge.reference,
+                    "subaccount_code": charge.subaccount_code,
+                    "subaccount_business_id": str(owner) if owner else None,
+                    "metadata_business_id": str(charge.business_id),
+                },
+            )
+            return None
+        return owner
+    if charge.business_id is not None and await conn.fetchval(q["business_exists"], charge.business_id):
+        return charge.business_id
     return None
 
 
