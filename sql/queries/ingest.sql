@@ -19,7 +19,17 @@ select id from businesses where mpesa_shortcode = $1::text
 select id from clients where lower(email) = lower($1::text) order by created_at, id limit 1
 
 -- client_by_phone --
+-- A full number only (ingest/wire.py is_full_phone_number): it names one person, whichever business they pay.
 select id from clients where phone = $1::text order by created_at, id limit 1
+
+-- client_by_masked_phone --
+-- A masked or hashed MSISDN is shared by thousands of people, so it never names another business's client:
+-- only a client who already paid this business ($1), with the same masked number and the same name.
+select c.id from clients c
+where c.phone = $2::text and c.name = $3::text
+  and exists (select 1 from payments p where p.client_id = c.id and p.business_id = $1::uuid)
+order by c.created_at, c.id
+limit 1
 
 -- insert_client --
 insert into clients (name, phone, email) values ($1::text, $2::text, $3::text) returning id

@@ -15,7 +15,15 @@ from hypothesis import strategies as st
 from cdc_dashboard.config import ConfigError, Settings, load_settings
 from cdc_dashboard.ingest import mpesa, paystack
 from cdc_dashboard.ingest.sources import caller_ip, is_allowed, networks
-from cdc_dashboard.ingest.wire import BadPayload, eat_timestamp, iso_timestamp, load_json, minor_units, optional_text
+from cdc_dashboard.ingest.wire import (
+    BadPayload,
+    eat_timestamp,
+    is_full_phone_number,
+    iso_timestamp,
+    load_json,
+    minor_units,
+    optional_text,
+)
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "providers"
 
@@ -193,6 +201,25 @@ def test_c2b_fixture_and_nulls() -> None:
     doc.update(MiddleName=None, LastName=None, BillRefNumber=None, MSISDN=None, BusinessShortCode=600966)
     c2b = mpesa.parse_c2b(doc)
     assert (c2b.name, c2b.msisdn, c2b.bill_ref, c2b.shortcode) == ("NICHOLAS", None, None, "600966")
+
+
+@pytest.mark.parametrize(
+    ("phone", "full"),
+    [
+        ("254708374149", True),
+        ("+254708374149", True),
+        ("0712345678", True),
+        ("2547 ***** 126", False),  # C2B v2
+        ("2547*****126", False),
+        ("3" * 64, False),  # a hash that happens to be all digits: longer than any phone number
+        ("8b2c1c0fb8f9b2f4e1d6ad1c6a0c3f1b6e7f0b9e3d0c1a2b3c4d5e6f7a8b9c0d", False),  # C2B v1: SHA-256 hex
+        ("0712 345 678", False),
+        ("12345", False),
+        ("", False),
+    ],
+)
+def test_full_phone_number(phone: str, full: bool) -> None:
+    assert is_full_phone_number(phone) is full
 
 
 def test_token_compare() -> None:

@@ -34,7 +34,7 @@ from .mpesa import PROVIDER as MPESA
 from .mpesa import C2BPayment, StkResult
 from .paystack import PROVIDER as PAYSTACK
 from .paystack import PaystackCharge, PaystackRefund
-from .wire import optional_uuid
+from .wire import is_full_phone_number, optional_uuid
 
 __all__ = ["Outcome", "Recorded", "record_c2b", "record_paystack_charge", "record_paystack_refund", "record_stk"]
 
@@ -95,15 +95,28 @@ async def _lock(conn: asyncpg.Connection, key: str) -> None:
     await conn.execute(_q()["lock_key"], key)
 
 
-async def _client(conn: asyncpg.Connection, *, email: str | None, phone: str | None, name: str) -> uuid.UUID | None:
-    """The client with this email (Paystack), else this phone (M-Pesa: as given), created when new."""
+async def _client(
+    conn: asyncpg.Connection, *, business_id: uuid.UUID, email: str | None, phone: str | None, name: str
+) -> uuid.UUID | None:
+    """The client paying `business_id`, found or created.
+
+    By email (Paystack, case-insensitive), else by phone when it is a full number: both name one person,
+    whichever business they pay. A masked or hashed MSISDN (C2B) is shared by thousands of people: it matches
+    only a client who already paid this business with the same number and the same name, and with no name to
+    compare it matches nobody (issue 14: Bob paying B showed on B's dashboard as John, A's customer).
+    """
     q = _q()
     if email:
         await _lock(conn, f"client:email:{email.lower()}")
         found = await conn.fetchval(q["client_by_email"], email)
-    elif phone:
+    elif phone and is_full_phone_number(phone):
         await _lock(conn, f"client:phone:{phone}")
         found = await conn.fetchval(q["client_by_phone"], phone)
+    elif phone and name:
+        await _lock(conn, f"client:masked:{business_id}:{phone}:{name}")
+        found = await conn.fetchval(q["client_by_masked_phone"], business_id, phone, name)
+    elif phone:
+        found = None
     else:
         return None
     if found is not None:
@@ -330,7 +343,7 @@ async def record_paystack_charge(pool: asyncpg.Pool, charge: PaystackCharge, raw
             return Recorded("duplicate", row["id"], row["business_id"])
         if row is not None:
             client_id = row["client_id"] or await _client(
-                conn, email=charge.email, phone=charge.phone, name=charge.customer_name
+                conn, business_id=row["business_id"], email=charge.email, phone=charge.phone, name=charge.customer_name
             )
             booking_id = row["booking_id"] or await _booking(conn, charge.booking_id, row["business_id"])
             return await _complete_pending(
@@ -355,7 +368,9 @@ async def record_paystack_charge(pool: asyncpg.Pool, charge: PaystackCharge, raw
                 status="completed",
                 raw=raw,
             )
-        client_id = await _client(conn, email=charge.email, phone=charge.phone, name=charge.customer_name)
+        client_id = await _client(
+            conn, business_id=business_id, email=charge.email, phone=charge.phone, name=charge.customer_name
+        )
         booking_id = await _booking(conn, charge.booking_id, business_id)
         payment_id = await _new_payment(
             conn,
@@ -508,7 +523,9 @@ async def _stk_success(conn: asyncpg.Connection, row: asyncpg.Record, result: St
             extra={"receipt": result.receipt, "payment_id": str(row["id"]), "removed_payment_id": str(other["id"])},
         )
         return Recorded("merged", row["id"], row["business_id"])
-    client_id = row["client_id"] or await _client(conn, email=None, phone=result.phone, name="")
+    client_id = row["client_id"] or await _client(
+        conn, business_id=row["business_id"], email=None, phone=result.phone, name=""
+    )
     return await _complete_pending(
         conn,
         row,
@@ -590,7 +607,7 @@ async def record_c2b(pool: asyncpg.Pool, payment: C2BPayment, raw: str) -> Recor
                 raw=raw,
             )
         business_id = uuid.UUID(str(found))
-        client_id = await _client(conn, email=None, phone=payment.msisdn, name=payment.name)
+        client_id = await _client(conn, business_id=business_id, email=None, phone=payment.msisdn, name=payment.name)
         # A paybill account number that spells one of the business's bookings pays that booking.
         booking_id = await _booking(conn, optional_uuid(payment.bill_ref), business_id)
         payment_id = await _new_payment(

@@ -19,6 +19,7 @@ __all__ = [
     "BadPayload",
     "currency_code",
     "eat_timestamp",
+    "is_full_phone_number",
     "iso_timestamp",
     "load_json",
     "minor_units",
@@ -38,6 +39,10 @@ EAT = timezone(timedelta(hours=3), "EAT")
 _CURRENCY = re.compile(r"^[A-Z]{3}$")
 _EAT_STAMP = re.compile(r"^\d{14}$")
 _NUMBER = re.compile(r"^[+]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d{1,3})?$")
+# A phone number that names one line: digits with an optional leading +, E.164's length at most. C2B v2 masks
+# the MSISDN ("2547 ***** 126") and v1 sends its SHA-256 (64 hex characters): neither matches. The same pattern
+# is in sql/schema/0011_split_masked_clients.sql.
+_FULL_PHONE_NUMBER = re.compile(r"^\+?[0-9]{7,15}$")
 
 
 class BadPayload(ValueError):
@@ -179,6 +184,11 @@ def minor_units(value: Any, where: str, *, scale: int) -> int:
     if not whole:
         raise BadPayload(f"{where} has a fraction of a minor unit ({str(value)[:40]})")
     return int(minor)
+
+
+def is_full_phone_number(phone: str) -> bool:
+    """Whether `phone` is a whole number (2547XXXXXXXX, +2547XXXXXXXX), not a masked or hashed MSISDN."""
+    return _FULL_PHONE_NUMBER.match(phone) is not None
 
 
 def currency_code(value: Any, where: str) -> str:
