@@ -14,7 +14,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from .webhook_server import WebhookServer, assert_consistent, fixture, serve_webhooks, table_counts
+from .webhook_server import (
+    WebhookServer,
+    assert_consistent,
+    charge,
+    fixture,
+    refund,
+    serve_webhooks,
+    table_counts,
+)
 
 PROPERTY_SETTINGS = settings(
     max_examples=50,
@@ -156,3 +164,41 @@ def test_random_bodies(server: WebhookServer, body: bytes, target: str) -> None:
     else:
         response = server.mpesa("stk" if target == "stk" else "c2b/confirmation", body)
     _check(server, before, response.status_code)
+
+
+@PROPERTY_SETTINGS
+@given(
+    amount=st.integers(min_value=1, max_value=10**12),
+    deliveries=st.lists(
+        st.tuples(st.integers(min_value=0, max_value=4), st.integers(min_value=1, max_value=10**12)), max_size=8
+    ),
+)
+def test_refund_sequences_net_out_exactly(
+    server: WebhookServer, amount: int, deliveries: list[tuple[int, int]]
+) -> None:
+    """Any charge and any sequence of refunds (partial, redelivered, together more than the charge): each
+    distinct refund applies once and at most what is left, so the payment keeps max(0, amount - refunds), is
+    `refunded` exactly when nothing is left, and every refund body is kept once."""
+    if not server.query("select 1 from businesses"):
+        _setup(server)
+    business = server.one("select id from businesses")
+    reference = f"T-PROP-{uuid.uuid4().hex}"
+    assert server.paystack(charge(business, reference=reference, amount=amount)).status_code == 200
+    first_amounts: dict[int, int] = {}
+    for which, refund_amount in deliveries:
+        # A redelivery is the same body: a refund reference keeps the amount it was first sent with.
+        refund_amount = first_amounts.setdefault(which, refund_amount)
+        response = server.paystack(refund(reference, f"{reference}-RF{which}", refund_amount))
+        assert response.status_code == 200, response.text
+    refunded = min(amount, sum(first_amounts.values()))
+    status, refunded_minor = server.one(
+        "select status, refunded_minor from payments where provider_reference = %s", reference
+    )
+    assert (status, refunded_minor) == ("refunded" if refunded == amount else "completed", refunded)
+    kept = server.one(
+        "select count(*) from payment_transactions t join payments p on p.id = t.payment_id"
+        " where p.provider_reference = %s and t.status = 'refunded'",
+        reference,
+    )
+    assert kept == len(first_amounts)
+    assert_consistent(server)
