@@ -15,8 +15,8 @@ values (%s, %s, %s, %s, %s, %s, %s, %s)
 
 -- payment --
 insert into payments (id, business_id, client_id, booking_id, amount_minor, currency, method, status, provider,
-                      provider_reference, paid_at, created_at)
-values (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
+                      provider_reference, paid_at, created_at, refunded_minor)
+values (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
 
 -- payment_transaction --
 insert into payment_transactions (business_id, payment_id, provider, amount_minor, currency, status, created_at)

@@ -173,6 +173,7 @@ def _load(
                         reference,
                         at if status != "pending" else None,
                         at,
+                        amount if status == "refunded" else 0,  # refunded: refunded in full
                     )
                 )
                 transactions.append((business_id, payment_id, provider or method, amount, b.currency, status, at))
