@@ -45,6 +45,13 @@ select ('00000000-0000-0000-0000-' || lpad((1 + floor(random() * {businesses})):
   from generate_series(1, {n}) as n
 """
 BATCH = "select * from dashboard.consume_changes_v1(5000, 'live', 0)"
+# Every rolled-back batch leaves dead rows, which would bring autovacuum and autoanalyze in the middle of a
+# measurement (new statistics, new plans): the benchmarks that roll batches back vacuum between cases themselves.
+AUTOVACUUM_OFF = (
+    "do $$ declare t regclass; begin for t in select c.oid from pg_class c join pg_namespace n"
+    " on n.oid = c.relnamespace where c.relkind = 'r' and n.nspname in ('public', 'dashboard', 'cdc')"
+    " loop execute format('alter table %s set (autovacuum_enabled = off)', t); end loop; end $$"
+)
 WRITTEN = "dashboard.payment_facts, dashboard.revenue_daily, dashboard.events, cdc.change_log"
 
 
@@ -83,13 +90,7 @@ def main() -> int:
                 pass  # the history is consumed: facts, aggregates and events exist
             conn.execute(PAYMENTS.format(businesses=BUSINESSES, n=args.changes))
             conn.execute("vacuum analyze")
-            # Every rolled-back batch leaves dead rows, which would bring autovacuum and autoanalyze in the middle
-            # of a variant (new statistics, new plans): this script vacuums, between variants, itself.
-            conn.execute(
-                "do $$ declare t regclass; begin for t in select c.oid from pg_class c join pg_namespace n"
-                " on n.oid = c.relnamespace where c.relkind = 'r' and n.nspname in ('public', 'dashboard', 'cdc')"
-                " loop execute format('alter table %s set (autovacuum_enabled = off)', t); end loop; end $$"
-            )
+            conn.execute(AUTOVACUUM_OFF)
             sources = variant_sources(conn, ALL_VARIANTS)
         for i in range(args.rounds):
             for name in list(ALL_VARIANTS) if i % 2 == 0 else list(reversed(ALL_VARIANTS)):

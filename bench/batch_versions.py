@@ -22,7 +22,7 @@ from contextlib import ExitStack, contextmanager
 
 import psycopg
 
-from batch_cost import PAYMENTS, batch_seconds
+from batch_cost import AUTOVACUUM_OFF, PAYMENTS, batch_seconds
 from capture_overhead import BUSINESSES, SETUP
 from cdc_dashboard import migrations
 from scratch import scratch_database
@@ -65,11 +65,7 @@ def prepared(case: str, changes: int) -> Iterator[str]:
                     (POISON_AMOUNT, changes // 2),
                 )
             conn.execute("vacuum analyze")
-            conn.execute(
-                "do $$ declare t regclass; begin for t in select c.oid from pg_class c join pg_namespace n"
-                " on n.oid = c.relnamespace where c.relkind = 'r' and n.nspname in ('public', 'dashboard', 'cdc')"
-                " loop execute format('alter table %s set (autovacuum_enabled = off)', t); end loop; end $$"
-            )
+            conn.execute(AUTOVACUUM_OFF)
         yield url
 
 
