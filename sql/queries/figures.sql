@@ -173,12 +173,27 @@ select ls.last_event_id as as_of_event_id, t.sort_at, t.id, t.item
 -- business_exists --
 select exists (select 1 from businesses where id = $1)
 
--- business_ids --
-select id from businesses order by id
+-- rebuild_sizes --
+-- Every business, in id order, with the rows a rebuild of it reads (payments and bookings): what
+-- `aggregates rebuild` cuts into chunks. One pass over each table, whatever the number of businesses.
+select b.id, coalesce(p.n, 0) + coalesce(k.n, 0) as rows
+  from businesses b
+  left join (select business_id, count(*) as n from payments group by 1) as p on p.business_id = b.id
+  left join (select business_id, count(*) as n from bookings group by 1) as k on k.business_id = b.id
+ order by b.id
+
+-- rebuild_sizes_of --
+-- The same for these businesses only (unknown ids too, with no rows), through the business indexes.
+select i as id,
+       (select count(*) from payments p where p.business_id = i)
+       + (select count(*) from bookings k where k.business_id = i) as rows
+  from unnest($1::uuid[]) as i
+ order by i
 
 -- rebuild --
--- The rows a full recomputation had to repair, per business and rollup (none when all was exact).
-select business_id, rollup, rows_repaired from dashboard.rebuild_aggregates_v3($1::uuid[])
+-- Recompute these businesses (one chunk) from the base tables; the rows it had to repair, per business and
+-- rollup (none when all was exact). v4 (sql/schema/0012): index-driven per chunk, whatever was built before.
+select business_id, rollup, rows_repaired from dashboard.rebuild_aggregates_v4($1::uuid[])
 
 -- apply_changes --
 select dashboard.apply_changes_v2($1::text[], $2::text[])

@@ -104,7 +104,11 @@ def cmd_simulate(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_aggregates_rebuild(args: argparse.Namespace, settings: Settings) -> int:
     from .figures import run_rebuild
 
-    for line in run_rebuild(_require_url(settings), args.business):
+    def progress(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    # Progress on stderr while it runs; stdout keeps the report (repairs, summary) that scripts read.
+    for line in run_rebuild(_require_url(settings), args.business, progress):
         print(line)
     return 0
 
