@@ -4,12 +4,13 @@
 
 Creates a scratch database on CDC_BENCH_ADMIN_URL (default postgresql://postgres@127.0.0.1:5432/postgres),
 applies the schema, loads bench/figures_data.sql (1M payments over 10k businesses, one of them holding 100k;
-300k bookings; generate_series, capture triggers bypassed), and builds the aggregates once. Then:
+300k bookings; generate_series, capture triggers bypassed), and builds the aggregates once (the chunked
+rebuild of `aggregates rebuild`). Then:
 
 1. stats query: the `stats` statement alone over asyncpg, one connection, random businesses (and the large one);
 2. stats endpoint: `cdc-dashboard serve` in its own process, `--concurrency` aiohttp clients, random businesses;
 3. maintenance: `dashboard.apply_changes_v2` (what the listener should call per batch) for batches of status
-   flips, and `dashboard.rebuild_aggregates_v2` (manual refresh / `aggregates rebuild`) per business;
+   flips, and the `rebuild` query (manual refresh / `aggregates rebuild`) per business;
    each measured inside a transaction that is rolled back, so every round sees the same history.
 
 The scratch database is dropped at the end unless `--keep`; `--database NAME` reuses a loaded one.
@@ -36,6 +37,7 @@ import aiohttp
 import asyncpg
 import psycopg
 
+from cdc_dashboard import figures
 from cdc_dashboard.gateway.auth import create_token
 from cdc_dashboard.migrations import apply
 from cdc_dashboard.sqlfiles import queries
@@ -43,7 +45,6 @@ from scratch import scratch_database
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRET = "bench-figures-" + "f" * 40
-BUILD = "select count(*) from dashboard.rebuild_aggregates_v2(array(select id from businesses))"
 FLIP = """
 update payments set status = case when status = 'completed' then 'refunded' else 'completed' end
  where id = any($1::uuid[])
@@ -84,10 +85,19 @@ def load(url: str, payments: int = 1_000_000) -> None:
         stdout=subprocess.DEVNULL,
     )
     t1 = time.monotonic()
+    asyncio.run(build(url))
     with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute(BUILD)
         conn.execute("vacuum analyze")
     print(f"loaded in {t1 - t0:.0f} s; aggregates built in {time.monotonic() - t1:.0f} s", flush=True)
+
+
+async def build(url: str) -> None:
+    """Every business's aggregates, as `cdc-dashboard aggregates rebuild` builds them (chunked, linear)."""
+    conn = await asyncpg.connect(url)
+    try:
+        await figures.rebuild(conn)
+    finally:
+        await conn.close()
 
 
 async def ids(conn: asyncpg.Connection) -> tuple[uuid.UUID, list[uuid.UUID]]:
@@ -196,9 +206,9 @@ async def bench_maintenance(url: str) -> None:
             )
             print(summary(label, ms[3:]), flush=True)
         rebuilds: list[tuple[str, Callable[[], list[Any]]]] = [
-            ("rebuild_aggregates_v2, one ~90-payment business", lambda: [random.choice(rest)]),
-            ("rebuild_aggregates_v2, the 100k-payment business", lambda: [whale]),
-            ("rebuild_aggregates_v2, 50 businesses at once", lambda: random.sample(rest, 50)),
+            ("rebuild, one ~90-payment business", lambda: [random.choice(rest)]),
+            ("rebuild, the 100k-payment business", lambda: [whale]),
+            ("rebuild, 50 businesses at once", lambda: random.sample(rest, 50)),
         ]
         for label, pick in rebuilds:
             ms = []
