@@ -37,7 +37,7 @@ import aiohttp
 import asyncpg
 import psycopg
 
-from cdc_dashboard import figures
+from cdc_dashboard.figures import rebuild
 from cdc_dashboard.gateway.auth import create_token
 from cdc_dashboard.migrations import apply
 from cdc_dashboard.sqlfiles import queries
@@ -95,7 +95,7 @@ async def build(url: str) -> None:
     """Every business's aggregates, as `cdc-dashboard aggregates rebuild` builds them (chunked, linear)."""
     conn = await asyncpg.connect(url)
     try:
-        await figures.rebuild(conn)
+        await rebuild.rebuild(conn)
     finally:
         await conn.close()
 

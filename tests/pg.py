@@ -44,7 +44,7 @@ def admin_server() -> Iterator[str]:
         with PostgresContainer("postgres:16-alpine", driver=None) as container:
             yield container.get_connection_url()
         return
-    from cdc_dashboard.embedded import start_embedded
+    from cdc_dashboard.db.embedded import start_embedded
 
     state = tempfile.mkdtemp(prefix="cdc-test-pg-")
     server = start_embedded(state, cleanup_mode="delete")

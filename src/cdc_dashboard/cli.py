@@ -82,13 +82,13 @@ def cmd_token(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
-    from .demo_run import run_demo
+    from .demo.run import run_demo
 
     return run_demo(settings, seed=args.seed, rate=args.rate)
 
 
 def cmd_simulate(args: argparse.Namespace, settings: Settings) -> int:
-    from .simulate import SimulateOptions, run_simulation
+    from .demo.traffic import SimulateOptions, run_simulation
 
     options = SimulateOptions(
         rate=args.rate,
@@ -102,7 +102,7 @@ def cmd_simulate(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_aggregates_rebuild(args: argparse.Namespace, settings: Settings) -> int:
-    from .figures import run_rebuild
+    from .figures.rebuild import run_rebuild
 
     def progress(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
@@ -114,13 +114,13 @@ def cmd_aggregates_rebuild(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_dead_letters_list(args: argparse.Namespace, settings: Settings) -> int:
-    from .dead_letters import run_list
+    from .ops.dead_letters import run_list
 
     return run_list(_require_url(settings), as_json=args.json)
 
 
 def cmd_dead_letters_retry(args: argparse.Namespace, settings: Settings) -> int:
-    from .dead_letters import parse_ids, run_retry
+    from .ops.dead_letters import parse_ids, run_retry
 
     if args.all and args.ids:
         raise UserError("name dead letter IDs or --all, not both")
@@ -131,7 +131,7 @@ def cmd_dead_letters_retry(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_dead_letters_discard(args: argparse.Namespace, settings: Settings) -> int:
-    from .dead_letters import parse_ids, run_discard
+    from .ops.dead_letters import parse_ids, run_discard
 
     if not args.ids:
         raise UserError("name the dead letter IDs to discard (cdc-dashboard dead-letters list shows them)")
@@ -140,7 +140,7 @@ def cmd_dead_letters_discard(args: argparse.Namespace, settings: Settings) -> in
 
 
 def cmd_doctor(args: argparse.Namespace, settings: Settings) -> int:
-    from .doctor import run_doctor
+    from .ops.doctor import run_doctor
 
     return run_doctor(settings, gateway_url=args.url, as_json=args.json)
 

@@ -30,8 +30,8 @@ from typing import TypedDict
 
 import asyncpg
 
-from .backoff import Backoff
 from .config import Settings
+from .db.backoff import Backoff
 from .errors import UserError
 from .sqlfiles import queries
 from .systemd import Notifier

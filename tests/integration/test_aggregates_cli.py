@@ -15,7 +15,7 @@ import asyncpg
 import psycopg
 import pytest
 
-from cdc_dashboard import figures
+from cdc_dashboard.figures import rebuild
 from cdc_dashboard.sqlfiles import queries
 
 CLI = [sys.executable, "-m", "cdc_dashboard.cli"]
@@ -134,11 +134,11 @@ def business(k: int) -> uuid.UUID:
     return uuid.UUID(f"00000000-0000-4000-8000-{k:012d}")
 
 
-async def rebuild_in_small_chunks(url: str) -> tuple[figures.RebuildReport, list[str]]:
+async def rebuild_in_small_chunks(url: str) -> tuple[rebuild.RebuildReport, list[str]]:
     conn = await asyncpg.connect(url)
     try:
         lines: list[str] = []
-        report = await figures.rebuild(
+        report = await rebuild.rebuild(
             conn, progress=lines.append, chunk_businesses=7, chunk_rows=40, progress_seconds=0
         )
         return report, lines

@@ -31,7 +31,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cdc_dashboard import figures
+from cdc_dashboard.figures import reads, rebuild
 from cdc_dashboard.sqlfiles import queries
 
 BUSINESSES = [
@@ -348,7 +348,7 @@ async def check_exact(url: str) -> None:
         # One transaction: the oracle and the stats query share now(), and so the same "today".
         async with conn.transaction(isolation="repeatable_read", readonly=True):
             for business_id, _ in BUSINESSES:
-                got = await figures.stats(conn, business_id)
+                got = await reads.stats(conn, business_id)
                 assert got is not None
                 assert got.figures == await expected_figures(conn, business_id), business_id
                 assert [tuple(r) for r in await conn.fetch(ROLLUP_HOURLY, business_id)] == [
@@ -399,7 +399,7 @@ async def rebuild_in_chunks_of_one(url: str, business_ids: list[uuid.UUID] | Non
     conn = await asyncpg.connect(url)
     try:
         lines: list[str] = []
-        await figures.rebuild(conn, business_ids, progress=lines.append, chunk_businesses=1, progress_seconds=0)
+        await rebuild.rebuild(conn, business_ids, progress=lines.append, chunk_businesses=1, progress_seconds=0)
         return lines
     finally:
         await conn.close()
@@ -470,10 +470,10 @@ def test_rebuild_of_one_business_repairs_the_business_a_payment_moved_to(exact_d
     asyncio.run(check_exact(exact_db))
 
 
-async def rebuild_one(url: str, business_id: uuid.UUID) -> figures.RebuildReport:
+async def rebuild_one(url: str, business_id: uuid.UUID) -> rebuild.RebuildReport:
     conn = await asyncpg.connect(url)
     try:
-        return await figures.rebuild(conn, [business_id])
+        return await rebuild.rebuild(conn, [business_id])
     finally:
         await conn.close()
 
@@ -498,14 +498,14 @@ def test_rebuild_repairs_and_reports_corrupted_rollups(exact_db: str) -> None:
         conn.execute("update dashboard.business_client_totals set clients_total = 9 where business_id = %s", (b,))
         conn.execute("update dashboard.booking_counts set bookings = 5 where business_id = %s", (b,))
 
-    async def rebuild() -> figures.RebuildReport:
+    async def rebuild_it() -> rebuild.RebuildReport:
         conn = await asyncpg.connect(exact_db)
         try:
-            return await figures.rebuild(conn, [b])
+            return await rebuild.rebuild(conn, [b])
         finally:
             await conn.close()
 
-    report = asyncio.run(rebuild())
+    report = asyncio.run(rebuild_it())
     assert report.repaired[str(b)] == {
         "revenue_daily": 2,
         "business_clients": 2,
@@ -518,7 +518,7 @@ def test_rebuild_repairs_and_reports_corrupted_rollups(exact_db: str) -> None:
     # Lost facts: the rebuild recomputes them from the base tables, and the figures follow.
     with psycopg.connect(exact_db, autocommit=True) as conn:
         conn.execute("delete from dashboard.payment_facts where business_id = %s", (b,))
-    report = asyncio.run(rebuild())
+    report = asyncio.run(rebuild_it())
     assert report.repaired[str(b)]["payment_facts"] == 2
     asyncio.run(check_exact(exact_db))
-    assert asyncio.run(rebuild()).repaired == {}, "a second rebuild finds nothing left to repair"
+    assert asyncio.run(rebuild_it()).repaired == {}, "a second rebuild finds nothing left to repair"

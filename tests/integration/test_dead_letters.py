@@ -20,7 +20,7 @@ import asyncpg
 import psycopg
 import pytest
 
-from cdc_dashboard import figures
+from cdc_dashboard.figures import reads
 
 from ..listening import event_rows, payment_ids_in_events, running_listener, wait_for
 from .gateway_support import run_gateway, token_for
@@ -379,7 +379,7 @@ async def test_after_the_fix_a_retried_payment_is_consumed_by_the_listener_and_t
 
             oracle = await asyncpg.connect(db_url)
             try:
-                stats = await figures.stats(oracle, uuid.UUID(b))
+                stats = await reads.stats(oracle, uuid.UUID(b))
                 assert stats is not None
                 assert stats.figures["payments_count"] == 2  # the set-aside payment counts nowhere yet
                 assert stats.figures["revenue"]["KES"]["total_minor"] == 400000
@@ -401,7 +401,7 @@ async def test_after_the_fix_a_retried_payment_is_consumed_by_the_listener_and_t
                 assert letters(conn) == [] and change_log(conn) == []
 
                 async with oracle.transaction(isolation="repeatable_read", readonly=True):
-                    stats = await figures.stats(oracle, uuid.UUID(b))
+                    stats = await reads.stats(oracle, uuid.UUID(b))
                     assert stats is not None
                     assert stats.figures == await expected_figures(oracle, uuid.UUID(b))
                 assert stats.figures["payments_count"] == 3

@@ -26,7 +26,7 @@ import psycopg
 import pytest
 
 from cdc_dashboard.db import with_database
-from cdc_dashboard.probe import PROBE_BUSINESS_ID
+from cdc_dashboard.ops.probe import PROBE_BUSINESS_ID
 from cdc_dashboard.sqlfiles import queries
 
 from ..pg import clone_database, drop_database

@@ -18,7 +18,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from cdc_dashboard.embedded import start_embedded
+from cdc_dashboard.db.embedded import start_embedded
 from cdc_dashboard.migrations import apply
 
 from ..listening import event_rows, running_listener, wait_for

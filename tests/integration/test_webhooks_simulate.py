@@ -10,7 +10,7 @@ import sys
 import time
 
 from cdc_dashboard.config import Settings
-from cdc_dashboard.simulate import SimulateOptions, SimulationThread, simulate
+from cdc_dashboard.demo.traffic import SimulateOptions, SimulationThread, simulate
 
 from .webhook_server import MPESA_TOKEN, PAYSTACK_SECRET, assert_consistent, serve_webhooks
 

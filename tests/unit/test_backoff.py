@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from cdc_dashboard.backoff import Backoff
+from cdc_dashboard.db.backoff import Backoff
 
 
 def test_doubles_until_cap_without_jitter() -> None:

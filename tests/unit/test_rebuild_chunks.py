@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 
-from cdc_dashboard.figures import plan_chunks
+from cdc_dashboard.figures.rebuild import plan_chunks
 
 IDS = [uuid.UUID(int=i) for i in range(1, 11)]
 

@@ -19,7 +19,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from .. import figures
+from ..figures import reads, rebuild
 from .auth import authorize
 
 __all__ = ["routes"]
@@ -65,7 +65,7 @@ async def _with_conn(request: Request, work: Callable[[Any], Awaitable[dict[str,
     try:
         async with request.app.state.pool.acquire() as conn:
             body = await work(conn)
-    except figures.BadRequest as exc:
+    except reads.BadRequest as exc:
         raise HTTPException(400, str(exc)) from None
     return _respond(request, body)
 
@@ -74,7 +74,7 @@ async def stats(request: Request) -> Response:
     business_id = _business(request)
 
     async def work(conn: Any) -> dict[str, Any] | None:
-        found = await figures.stats(conn, business_id)
+        found = await reads.stats(conn, business_id)
         return found.stats_body() if found else None
 
     return await _with_conn(request, work)
@@ -82,7 +82,7 @@ async def stats(request: Request) -> Response:
 
 async def business_data(request: Request) -> Response:
     business_id = _business(request)
-    return await _with_conn(request, lambda conn: figures.business_data(conn, business_id))
+    return await _with_conn(request, lambda conn: reads.business_data(conn, business_id))
 
 
 async def revenue(request: Request) -> Response:
@@ -90,7 +90,7 @@ async def revenue(request: Request) -> Response:
     params = request.query_params
 
     async def work(conn: Any) -> dict[str, Any] | None:
-        series = await figures.revenue_series(
+        series = await reads.revenue_series(
             conn, business_id, params.get("granularity"), params.get("from"), params.get("to")
         )
         return series.body if series else None
@@ -98,13 +98,13 @@ async def revenue(request: Request) -> Response:
     return await _with_conn(request, work)
 
 
-def _list_route(kind: figures.ListKind) -> Callable[[Request], Awaitable[Response]]:
+def _list_route(kind: reads.ListKind) -> Callable[[Request], Awaitable[Response]]:
     async def endpoint(request: Request) -> Response:
         business_id = _business(request)
         params = request.query_params
 
         async def work(conn: Any) -> dict[str, Any] | None:
-            page = await figures.list_page(conn, kind, business_id, params.get("before"), params.get("limit"))
+            page = await reads.list_page(conn, kind, business_id, params.get("before"), params.get("limit"))
             if page is None:
                 return None
             return {
@@ -123,7 +123,7 @@ def _list_route(kind: figures.ListKind) -> Callable[[Request], Awaitable[Respons
 async def refresh(request: Request) -> Response:
     business_id = _business(request)
     async with request.app.state.pool.acquire() as conn:
-        report = await figures.refresh(conn, business_id)
+        report = await rebuild.refresh(conn, business_id)
     if report is None:
         raise HTTPException(404, "no such business")
     return JSONResponse(report, headers=_HEADERS)

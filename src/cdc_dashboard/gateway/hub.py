@@ -28,7 +28,7 @@ from typing import Any
 import asyncpg
 from sse_starlette.event import ServerSentEvent
 
-from ..backoff import Backoff
+from ..db.backoff import Backoff
 from ..sqlfiles import queries
 from .metrics import GatewayMetrics
 

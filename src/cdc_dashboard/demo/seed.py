@@ -14,8 +14,8 @@ from typing import Any
 
 import psycopg
 
-from .db import connect_sync
-from .sqlfiles import queries
+from ..db import connect_sync
+from ..sqlfiles import queries
 
 __all__ = ["DEMO_BUSINESSES", "DemoBusiness", "load_demo"]
 

@@ -11,14 +11,14 @@ import signal
 from pathlib import Path
 from types import FrameType
 
-from .config import Settings, signing_secret
-from .demo import load_demo
-from .embedded import start_embedded
-from .gateway.app import serve
-from .gateway.auth import create_token
-from .logs import configure_logging
-from .migrations import apply
-from .simulate import SimulateOptions, SimulationThread
+from ..config import Settings, signing_secret
+from ..db.embedded import start_embedded
+from ..gateway.app import serve
+from ..gateway.auth import create_token
+from ..logs import configure_logging
+from ..migrations import apply
+from .seed import load_demo
+from .traffic import SimulateOptions, SimulationThread
 
 __all__ = ["ensure_secret", "run_demo"]
 

@@ -28,12 +28,12 @@ import aiohttp
 import asyncpg
 import psycopg
 
-from .config import Settings, signing_secret
-from .db import describe_url
-from .errors import UserError
-from .migrations import CAPTURE_VERSION, DEFAULT_TRACKED, schema_files, status
+from ..config import Settings, signing_secret
+from ..db import describe_url
+from ..errors import UserError
+from ..migrations import CAPTURE_VERSION, DEFAULT_TRACKED, schema_files, status
+from ..sqlfiles import queries, sql_dir
 from .probe import PROBE_BUSINESS_ID, EndToEndProbe, ProbeFailed
-from .sqlfiles import queries, sql_dir
 
 __all__ = ["PROBE_BUSINESS_ID", "CheckResult", "Report", "diagnose", "run_doctor"]
 

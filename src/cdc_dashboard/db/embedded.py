@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Protocol
 
-from .errors import UserError
+from ..errors import UserError
 
 __all__ = ["EmbeddedServer", "start_embedded"]
 

@@ -29,12 +29,12 @@ from typing import Any, Protocol, TextIO
 import aiohttp
 import asyncpg
 
-from .config import Settings
-from .errors import UserError
-from .ingest import mpesa, paystack
-from .ingest.recording import Recorded, record_c2b, record_paystack_charge, record_paystack_refund, record_stk
-from .ingest.wire import EAT, BadPayload, load_json
-from .sqlfiles import queries
+from ..config import Settings
+from ..errors import UserError
+from ..ingest import mpesa, paystack
+from ..ingest.recording import Recorded, record_c2b, record_paystack_charge, record_paystack_refund, record_stk
+from ..ingest.wire import EAT, BadPayload, load_json
+from ..sqlfiles import queries
 
 __all__ = ["SimulateOptions", "SimulationThread", "Tally", "run_simulation", "simulate"]
 

@@ -27,9 +27,9 @@ import psycopg
 from psycopg import errors as pg_errors
 from psycopg.rows import dict_row
 
-from .db import connect_sync
-from .errors import UserError
-from .sqlfiles import queries
+from ..db import connect_sync
+from ..errors import UserError
+from ..sqlfiles import queries
 
 __all__ = ["DeadLetter", "discard", "list_dead_letters", "parse_ids", "retry", "run_discard", "run_list", "run_retry"]
 

@@ -9,7 +9,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 
-from .errors import UserError
+from ..errors import UserError
 
 __all__ = ["connect_sync", "describe_url", "keepalive_kwargs", "with_database"]
 

@@ -1,0 +1,1 @@
+"""The figures dashboards read (`reads`) and their recomputation from the ledger (`rebuild`)."""
