@@ -62,8 +62,8 @@ import aiohttp
 import asyncpg
 import psycopg
 
-from cdc_dashboard.gateway.auth import create_token
 from cdc_dashboard.sqlfiles import queries
+from cdc_dashboard.tokens import create_token
 from figures import load  # bench/figures.py: run as a script, bench/ is on sys.path
 from scratch import connection_reports, scratch_database, wait_ready
 

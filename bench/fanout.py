@@ -37,7 +37,7 @@ from pathlib import Path
 
 import psycopg
 
-from cdc_dashboard.gateway.auth import create_token
+from cdc_dashboard.tokens import create_token
 from scratch import connection_reports, scratch_database, wait_ready
 
 ROOT = Path(__file__).resolve().parents[1]

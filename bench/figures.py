@@ -38,9 +38,9 @@ import asyncpg
 import psycopg
 
 from cdc_dashboard.figures import rebuild
-from cdc_dashboard.gateway.auth import create_token
 from cdc_dashboard.migrations import apply
 from cdc_dashboard.sqlfiles import queries
+from cdc_dashboard.tokens import create_token
 from scratch import scratch_database
 
 ROOT = Path(__file__).resolve().parents[1]

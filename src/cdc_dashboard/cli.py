@@ -67,7 +67,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_token(args: argparse.Namespace, settings: Settings) -> int:
-    from .gateway.auth import create_token
+    from .tokens import create_token
 
     secret = signing_secret(settings)
     if not secret:

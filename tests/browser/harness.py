@@ -16,7 +16,7 @@ from pathlib import Path
 import psycopg
 
 from cdc_dashboard.events import manual_refresh_payload
-from cdc_dashboard.gateway.auth import create_token
+from cdc_dashboard.tokens import create_token
 
 from ..processes import stop_process
 

@@ -12,8 +12,8 @@ import pytest
 
 from cdc_dashboard.config import Settings
 from cdc_dashboard.gateway.app import create_app
-from cdc_dashboard.gateway.auth import create_token
 from cdc_dashboard.gateway.page import STATIC_DIR
+from cdc_dashboard.tokens import create_token
 
 from .harness import SECRET
 

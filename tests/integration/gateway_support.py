@@ -24,7 +24,7 @@ from starlette.applications import Starlette
 
 from cdc_dashboard.config import Settings
 from cdc_dashboard.gateway.app import create_app
-from cdc_dashboard.gateway.auth import create_token
+from cdc_dashboard.tokens import create_token
 
 from ..processes import stop_process
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import aiohttp
 
-from cdc_dashboard.gateway.auth import create_token
+from cdc_dashboard.tokens import create_token
 
 from .gateway_support import SSEStream, open_stream
 from .webhook_server import DASHBOARD_SECRET, WebhookServer, fixture, serve_webhooks

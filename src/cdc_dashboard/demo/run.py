@@ -14,9 +14,9 @@ from types import FrameType
 from ..config import Settings, signing_secret
 from ..db.embedded import start_embedded
 from ..gateway.app import serve
-from ..gateway.auth import create_token
 from ..logs import configure_logging
 from ..migrations import apply
+from ..tokens import create_token
 from .seed import load_demo
 from .traffic import SimulateOptions, SimulationThread
 

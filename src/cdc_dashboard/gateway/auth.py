@@ -1,4 +1,4 @@
-"""Dashboard tokens: HS256 JWTs signed with CDC_SECRET that name the businesses a dashboard may see.
+"""Authorisation of dashboard requests by their token (made by cdc_dashboard.tokens).
 
 A token travels as `Authorization: Bearer TOKEN` or, for browsers' EventSource (which cannot set headers),
 as `?access_token=TOKEN`. Every endpoint that concerns a business calls `authorize`: 401 for a missing,
@@ -12,24 +12,22 @@ import time
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
 
 import jwt
 from starlette.exceptions import HTTPException
 from starlette.requests import HTTPConnection
 
+from ..tokens import ALGORITHM, ISSUER
+
 __all__ = [
     "TokenClaims",
     "authorize",
     "authorize_admin",
-    "create_token",
     "decode_token",
     "parse_business_id",
     "token_from_request",
 ]
 
-_ALGORITHM = "HS256"
-_ISSUER = "cdc-dashboard"
 # A little slack for clocks that differ between the host that signed a token and the gateway.
 _LEEWAY_SECONDS = 5
 
@@ -50,33 +48,14 @@ class TokenClaims:
         return self.expires_at.timestamp() - time.time()
 
 
-def create_token(secret: str, business_ids: list[str], ttl_seconds: int, *, admin: bool = False) -> str:
-    """A signed token for these businesses (all of them when `admin`), valid for `ttl_seconds`.
-
-    Raises ValueError for a business id that is not a UUID or a non-positive ttl.
-    """
-    if ttl_seconds <= 0:
-        raise ValueError("ttl_seconds must be positive")
-    now = int(time.time())
-    claims: dict[str, Any] = {
-        "iss": _ISSUER,
-        "sub": "admin" if admin else "dashboard",
-        "businesses": [str(uuid.UUID(b)) for b in business_ids],
-        "admin": admin,
-        "iat": now,
-        "exp": now + ttl_seconds,
-    }
-    return jwt.encode(claims, secret, algorithm=_ALGORITHM)
-
-
 def decode_token(secret: str, token: str) -> TokenClaims:
     """Verify a token; raises HTTPException(401) with a reason that never repeats the token."""
     try:
         claims = jwt.decode(
             token,
             secret,
-            algorithms=[_ALGORITHM],
-            issuer=_ISSUER,
+            algorithms=[ALGORITHM],
+            issuer=ISSUER,
             leeway=_LEEWAY_SECONDS,
             options={"require": ["exp", "iat", "iss"]},
         )

@@ -23,8 +23,8 @@ from typing import Any
 
 import aiohttp
 
-from ..gateway.auth import create_token
 from ..sqlfiles import queries
+from ..tokens import create_token
 
 __all__ = ["PROBE_BUSINESS_ID", "EndToEndProbe", "ProbeFailed"]
 
