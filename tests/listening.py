@@ -19,7 +19,7 @@ __all__ = ["event_rows", "running_listener", "wait_for"]
 
 @asynccontextmanager
 async def running_listener(db_url: str, **overrides: Any) -> AsyncIterator[EnhancedRealtimeManager]:
-    manager = EnhancedRealtimeManager(db_url, Settings())
+    manager = EnhancedRealtimeManager(Settings(database_url=db_url))
     for name, value in overrides.items():
         setattr(manager, name, value)
     task = asyncio.create_task(manager.run())

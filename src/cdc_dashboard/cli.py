@@ -17,16 +17,10 @@ from .errors import UserError
 __all__ = ["main"]
 
 
-def _require_url(settings: Settings) -> str:
-    if not settings.database_url:
-        raise UserError("CDC_DATABASE_URL is not set (for example postgresql://postgres@127.0.0.1:5432/postgres)")
-    return settings.database_url
-
-
 def cmd_db_apply(args: argparse.Namespace, settings: Settings) -> int:
     from .migrations import apply
 
-    done = apply(_require_url(settings))
+    done = apply(settings.require_database_url())
     for line in done:
         print(line)
     print("database is up to date" if not done else f"database is up to date ({len(done)} steps)")
@@ -36,7 +30,7 @@ def cmd_db_apply(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_db_status(args: argparse.Namespace, settings: Settings) -> int:
     from .migrations import status
 
-    applied, pending = status(_require_url(settings))
+    applied, pending = status(settings.require_database_url())
     for migration in applied:
         print(f"applied  {migration.version}  {migration.applied_at:%Y-%m-%d %H:%M:%S%z}  {migration.checksum[:12]}")
     for name in pending:
@@ -51,7 +45,7 @@ def cmd_listen(args: argparse.Namespace, settings: Settings) -> int:
     from .logs import configure_logging
 
     configure_logging(settings.log_level)
-    asyncio.run(run_until_signalled(EnhancedRealtimeManager(_require_url(settings), settings)))
+    asyncio.run(run_until_signalled(EnhancedRealtimeManager(settings)))
     return 0
 
 
@@ -61,9 +55,9 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
 
     if not settings.secret:
         raise UserError("CDC_SECRET is not set: serve signs and checks dashboard tokens with it (32+ characters)")
-    url = _require_url(settings)
+    settings.require_database_url()
     configure_logging(settings.log_level)
-    return serve(settings, url, with_listener=args.with_listener)
+    return serve(settings, with_listener=args.with_listener)
 
 
 def cmd_token(args: argparse.Namespace, settings: Settings) -> int:
@@ -98,7 +92,8 @@ def cmd_simulate(args: argparse.Namespace, settings: Settings) -> int:
         url=args.url,
         seed=args.seed,
     )
-    return run_simulation(settings, _require_url(settings), options)
+    settings.require_database_url()
+    return run_simulation(settings, options)
 
 
 def cmd_aggregates_rebuild(args: argparse.Namespace, settings: Settings) -> int:
@@ -108,7 +103,7 @@ def cmd_aggregates_rebuild(args: argparse.Namespace, settings: Settings) -> int:
         print(line, file=sys.stderr, flush=True)
 
     # Progress on stderr while it runs; stdout keeps the report (repairs, summary) that scripts read.
-    for line in run_rebuild(_require_url(settings), args.business, progress):
+    for line in run_rebuild(settings.require_database_url(), args.business, progress):
         print(line)
     return 0
 
@@ -116,7 +111,7 @@ def cmd_aggregates_rebuild(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_dead_letters_list(args: argparse.Namespace, settings: Settings) -> int:
     from .ops.dead_letters import run_list
 
-    return run_list(_require_url(settings), as_json=args.json)
+    return run_list(settings.require_database_url(), as_json=args.json)
 
 
 def cmd_dead_letters_retry(args: argparse.Namespace, settings: Settings) -> int:
@@ -127,7 +122,7 @@ def cmd_dead_letters_retry(args: argparse.Namespace, settings: Settings) -> int:
     if not args.all and not args.ids:
         raise UserError("name the dead letter IDs to retry (cdc-dashboard dead-letters list shows them), or --all")
     ids = None if args.all else parse_ids(args.ids)
-    return run_retry(_require_url(settings), ids)
+    return run_retry(settings.require_database_url(), ids)
 
 
 def cmd_dead_letters_discard(args: argparse.Namespace, settings: Settings) -> int:
@@ -136,7 +131,7 @@ def cmd_dead_letters_discard(args: argparse.Namespace, settings: Settings) -> in
     if not args.ids:
         raise UserError("name the dead letter IDs to discard (cdc-dashboard dead-letters list shows them)")
     ids = parse_ids(args.ids)
-    return run_discard(_require_url(settings), ids)
+    return run_discard(settings.require_database_url(), ids)
 
 
 def cmd_doctor(args: argparse.Namespace, settings: Settings) -> int:

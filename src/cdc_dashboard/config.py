@@ -89,6 +89,13 @@ class Settings(BaseSettings):
             raise ValueError("must be one of DEBUG, INFO, WARNING, ERROR")
         return level
 
+    def require_database_url(self) -> str:
+        """The database every part of the process connects to. `run` fills it in with its embedded server's URL
+        before anything connects, so a process resolves it once and passes its settings, never a URL beside them."""
+        if not self.database_url:
+            raise ConfigError("CDC_DATABASE_URL is not set (for example postgresql://postgres@127.0.0.1:5432/postgres)")
+        return self.database_url
+
 
 def signing_secret(settings: Settings) -> str | None:
     """CDC_SECRET, else the one `cdc-dashboard run` generated in the state directory (so `token` and `doctor`

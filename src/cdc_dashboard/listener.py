@@ -116,8 +116,8 @@ class EnhancedRealtimeManager:
     scan_window = 1000
     full_scan_every = 1.0
 
-    def __init__(self, database_url: str, settings: Settings, *, notifier: Notifier | None = None) -> None:
-        self._url = database_url
+    def __init__(self, settings: Settings, *, notifier: Notifier | None = None) -> None:
+        self._url = settings.require_database_url()
         self._retention_seconds = settings.event_retention_days * 86400
         self._linger = settings.listener_linger_ms / 1000
         self._q = queries("listener")

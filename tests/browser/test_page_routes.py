@@ -23,7 +23,7 @@ BUSINESS = str(uuid.uuid4())
 @pytest.fixture
 async def client() -> AsyncIterator[httpx.AsyncClient]:
     # The page routes need no database: the app's lifespan (which connects) is never run by ASGITransport.
-    app = create_app(Settings(secret=SECRET), "postgresql://unused@127.0.0.1:1/none")
+    app = create_app(Settings(secret=SECRET, database_url="postgresql://unused@127.0.0.1:1/none"))
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gateway") as client:
         yield client
 

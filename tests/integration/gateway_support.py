@@ -96,7 +96,7 @@ class Gateway:
 async def run_gateway(db_url: str, **overrides: Any) -> AsyncIterator[Gateway]:
     """The gateway app under a real uvicorn in this event loop, on a free port."""
     port = free_port()
-    app = create_app(settings(http_port=port, **overrides), db_url)
+    app = create_app(settings(database_url=db_url, http_port=port, **overrides))
     config = uvicorn.Config(
         app, host="127.0.0.1", port=port, log_config=None, access_log=False, lifespan="on", timeout_graceful_shutdown=5
     )

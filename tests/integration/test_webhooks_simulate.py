@@ -18,11 +18,11 @@ from .webhook_server import MPESA_TOKEN, PAYSTACK_SECRET, assert_consistent, ser
 def test_simulate_webhooks_against_a_gateway(db_url: str) -> None:
     with serve_webhooks(db_url) as server:
         settings = Settings(  # type: ignore[call-arg]
-            _env_file=None, paystack_secret_key=PAYSTACK_SECRET, mpesa_callback_token=MPESA_TOKEN
+            _env_file=None, database_url=db_url, paystack_secret_key=PAYSTACK_SECRET, mpesa_callback_token=MPESA_TOKEN
         )
         options = SimulateOptions(rate=30, duration=2, businesses=3, url=server.base_url, seed=7)
         out = io.StringIO()
-        tally = asyncio.run(simulate(settings, db_url, options, out=out))
+        tally = asyncio.run(simulate(settings, options, out=out))
         assert tally.errors == 0 and tally.rejected == 0, (tally, out.getvalue())
         assert tally.sent >= 20
         assert "simulate" in out.getvalue() and "recorded" in out.getvalue()
@@ -65,9 +65,9 @@ def test_simulate_without_secrets_says_what_to_do(db_url: str) -> None:
 
 
 def test_simulation_thread_stops_on_request(db_url: str) -> None:
-    settings = Settings(_env_file=None)  # type: ignore[call-arg]
+    settings = Settings(_env_file=None, database_url=db_url)  # type: ignore[call-arg]
     options = SimulateOptions(rate=20, direct=True, seed=3, progress=False)
-    thread = SimulationThread(settings, db_url, options).start()
+    thread = SimulationThread(settings, options).start()
     with serve_webhooks(db_url) as server:
         deadline = time.monotonic() + 20
         while server.one("select count(*) from payments where status = 'completed'") < 5:

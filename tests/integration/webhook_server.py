@@ -214,7 +214,7 @@ def _settings(db_url: str, overrides: dict[str, Any]) -> Settings:
 @contextmanager
 def serve_webhooks(db_url: str, *, with_listener: bool = False, **overrides: Any) -> Iterator[WebhookServer]:
     """The gateway app (create_app, so the routes are tested as mounted) on a free port, until the block ends."""
-    app = create_app(_settings(db_url, overrides), db_url, with_listener=with_listener)
+    app = create_app(_settings(db_url, overrides), with_listener=with_listener)
     port = _free_port()
     # proxy_headers=False: uvicorn would otherwise rewrite the peer from X-Forwarded-For for 127.0.0.1 itself,
     # before the allow-list could apply CDC_TRUSTED_PROXIES (the gateway's `serve` must do the same).

@@ -53,7 +53,8 @@ def run_demo(settings: Settings, *, seed: int, rate: float) -> int:
         )
         server = start_embedded(settings.state_dir)
         url = server.get_uri()
-    database_url = url
+    # From here on, every part of the demo connects to this one database.
+    settings = settings.model_copy(update={"database_url": url})
     try:
         for line in apply(url):
             print(line, flush=True)
@@ -76,7 +77,7 @@ def run_demo(settings: Settings, *, seed: int, rate: float) -> int:
             if rate > 0:
                 # Keep the demo dashboard moving: payments through the real write path (ingest), a few a minute.
                 options = SimulateOptions(rate=rate, businesses=len(businesses), direct=True, seed=seed, progress=False)
-                simulation = SimulationThread(settings, database_url, options).start()
+                simulation = SimulationThread(settings, options).start()
                 print(f"simulating payments: {rate:g} activities/s (--rate 0 to stop)", flush=True)
             print(f"Press Ctrl-C to stop. Open the live dashboard:\n{dashboard_url}", flush=True)
 
@@ -84,7 +85,7 @@ def run_demo(settings: Settings, *, seed: int, rate: float) -> int:
         # KeyboardInterrupt, so the embedded PostgreSQL is always stopped.
         signal.signal(signal.SIGTERM, _interrupt)
         configure_logging("WARNING")
-        code = serve(settings.model_copy(update={"secret": secret}), url, with_listener=True, on_ready=announce)
+        code = serve(settings.model_copy(update={"secret": secret}), with_listener=True, on_ready=announce)
         if code != 0:
             return code
     except KeyboardInterrupt:

@@ -360,7 +360,6 @@ async def _businesses(pool: asyncpg.Pool, count: int, rng: random.Random) -> lis
 
 async def simulate(
     settings: Settings,
-    database_url: str,
     options: SimulateOptions,
     *,
     stop: asyncio.Event | None = None,
@@ -378,7 +377,7 @@ async def simulate(
     tally = Tally()
     stop = stop or asyncio.Event()
     try:
-        pool = await asyncpg.create_pool(database_url, min_size=1, max_size=10)
+        pool = await asyncpg.create_pool(settings.require_database_url(), min_size=1, max_size=10)
     except (OSError, asyncpg.PostgresError) as exc:
         raise UserError(f"cannot connect to the database: {exc}") from None
     session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
@@ -444,10 +443,10 @@ async def _drive(
         print(("\r" if tty else "") + tally.line(time.monotonic() - started), file=out, flush=True)
 
 
-def run_simulation(settings: Settings, database_url: str, options: SimulateOptions) -> int:
+def run_simulation(settings: Settings, options: SimulateOptions) -> int:
     """The `simulate` command: runs until the duration ends or Ctrl-C; exit 1 when deliveries failed."""
     try:
-        tally = asyncio.run(simulate(settings, database_url, options))
+        tally = asyncio.run(simulate(settings, options))
     except KeyboardInterrupt:
         return 130
     return 1 if tally.errors or tally.rejected else 0
@@ -457,8 +456,8 @@ class SimulationThread:
     """`simulate` in a background thread with its own event loop, for callers that are not async
     (`cdc-dashboard run` keeps the demo dashboard moving with it). `stop()` ends it and returns the tally."""
 
-    def __init__(self, settings: Settings, database_url: str, options: SimulateOptions) -> None:
-        self._args = (settings, database_url, options)
+    def __init__(self, settings: Settings, options: SimulateOptions) -> None:
+        self._args = (settings, options)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
         self._ready = threading.Event()

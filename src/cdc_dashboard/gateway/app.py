@@ -73,8 +73,9 @@ def _cors(settings: Settings) -> list[Middleware]:
     ]
 
 
-def create_app(settings: Settings, database_url: str, *, with_listener: bool = False) -> Starlette:
-    """The gateway as an ASGI app; nothing connects until its lifespan starts."""
+def create_app(settings: Settings, *, with_listener: bool = False) -> Starlette:
+    """The gateway as an ASGI app on `settings.database_url`; nothing connects until its lifespan starts."""
+    database_url = settings.require_database_url()
     metrics = GatewayMetrics()
 
     @contextlib.asynccontextmanager
@@ -100,7 +101,7 @@ def create_app(settings: Settings, database_url: str, *, with_listener: bool = F
             await hub.start()
             heap.start()
             if with_listener:
-                listener_task = _start_listener(app, database_url, settings)
+                listener_task = _start_listener(app, settings)
             log.info("gateway started", extra={"node": hub.node, "position": hub.position})
             yield
         finally:
@@ -132,12 +133,12 @@ def create_app(settings: Settings, database_url: str, *, with_listener: bool = F
     return app
 
 
-def _start_listener(app: Starlette, database_url: str, settings: Settings) -> asyncio.Task[None]:
+def _start_listener(app: Starlette, settings: Settings) -> asyncio.Task[None]:
     from ..listener import EnhancedRealtimeManager
 
     # The gateway speaks sd_notify for the whole process (READY once it accepts connections); the listener's
     # own READY would come before the socket is bound.
-    listener = EnhancedRealtimeManager(database_url, settings, notifier=_MutedNotifier())
+    listener = EnhancedRealtimeManager(settings, notifier=_MutedNotifier())
     app.state.listener = listener
     task = asyncio.create_task(listener.run(), name="listener")
 
@@ -221,7 +222,6 @@ def _preflight(database_url: str, *, with_listener: bool) -> None:
 
 def serve(
     settings: Settings,
-    database_url: str,
     *,
     with_listener: bool = False,
     on_ready: Callable[[], None] | None = None,
@@ -232,8 +232,8 @@ def serve(
     `on_ready` is called once the gateway accepts connections (and the in-process listener is ready).
     Raises UserError (one line for the operator) when the database is unreachable or has no schema.
     """
-    _preflight(database_url, with_listener=with_listener)
-    app = create_app(settings, database_url, with_listener=with_listener)
+    _preflight(settings.require_database_url(), with_listener=with_listener)
+    app = create_app(settings, with_listener=with_listener)
     config = uvicorn.Config(
         app,
         host=settings.http_host,

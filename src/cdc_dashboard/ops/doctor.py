@@ -188,9 +188,9 @@ def default_gateway_url(settings: Settings) -> str:
 
 
 class _Doctor:
-    def __init__(self, settings: Settings, database_url: str | None, gateway_url: str) -> None:
+    def __init__(self, settings: Settings, gateway_url: str) -> None:
         self._settings = settings
-        self._url = database_url
+        self._url = settings.database_url
         self._gateway = gateway_url.rstrip("/")
         self._q = queries("doctor")
         self._conn: Any = None
@@ -565,14 +565,14 @@ class _Doctor:
 _ENABLED = {"D": "disabled", "R": "replica only", "O": "enabled", "A": "always"}
 
 
-async def diagnose(settings: Settings, database_url: str | None, gateway_url: str | None = None) -> Report:
-    """Run every check; never raises for what it finds."""
+async def diagnose(settings: Settings, gateway_url: str | None = None) -> Report:
+    """Run every check on `settings.database_url` (a missing one is a failed check); never raises for what it
+    finds."""
     gateway = gateway_url or default_gateway_url(settings)
     started = time.perf_counter()
-    checks = await _Doctor(settings, database_url, gateway).run()
-    return Report(
-        describe_url(database_url) if database_url else None, gateway, checks, (time.perf_counter() - started) * 1000
-    )
+    checks = await _Doctor(settings, gateway).run()
+    url = settings.database_url
+    return Report(describe_url(url) if url else None, gateway, checks, (time.perf_counter() - started) * 1000)
 
 
 def demo_database_url(settings: Settings) -> str | None:
@@ -597,8 +597,9 @@ def run_doctor(settings: Settings, *, gateway_url: str | None, as_json: bool, ou
     """`cdc-dashboard doctor`: print the report; exit 0 only when every check passed.
 
     Without CDC_DATABASE_URL it examines the demo that `cdc-dashboard run` is running here, if any."""
-    database_url = settings.database_url or demo_database_url(settings)
-    report = asyncio.run(diagnose(settings, database_url, gateway_url))
+    if not settings.database_url:
+        settings = settings.model_copy(update={"database_url": demo_database_url(settings)})
+    report = asyncio.run(diagnose(settings, gateway_url))
     if as_json:
         out.write(json.dumps(report.as_json(), indent=2) + "\n")
     else:
