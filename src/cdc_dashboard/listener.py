@@ -31,12 +31,13 @@ from typing import TypedDict
 import asyncpg
 
 from .config import Settings
+from .db import connect_dedicated
 from .db.backoff import Backoff
 from .errors import UserError
 from .sqlfiles import queries
 from .systemd import Notifier
 
-__all__ = ["EnhancedRealtimeManager", "ListenerStatus", "connect", "run_until_signalled"]
+__all__ = ["EnhancedRealtimeManager", "ListenerStatus", "run_until_signalled"]
 
 log = logging.getLogger("cdc_dashboard.listener")
 
@@ -76,23 +77,6 @@ class LostLeadership(Exception):
 # shutdown, a schema a deploy has not finished), and sets a change that fails on its own data aside in
 # dashboard.dead_letters (sql/schema/0010). No error from the database stops the daemon.
 RECONNECT_ERRORS: tuple[type[BaseException], ...] = (*CONNECTION_ERRORS, LostLeadership, asyncpg.PostgresError)
-
-
-async def connect(url: str, *, application_name: str, timeout: float = 10.0) -> asyncpg.Connection:
-    """A connection of its own (never from a pool), with server-side TCP keepalives so PostgreSQL drops a
-    dead client (and releases its advisory locks) within about 10 seconds."""
-    conn: asyncpg.Connection = await asyncpg.connect(
-        url,
-        timeout=timeout,
-        command_timeout=10,  # a statement that hangs longer means a dead connection: reconnect
-        server_settings={
-            "application_name": application_name,
-            "tcp_keepalives_idle": "5",
-            "tcp_keepalives_interval": "2",
-            "tcp_keepalives_count": "3",
-        },
-    )
-    return conn
 
 
 class EnhancedRealtimeManager:
@@ -182,7 +166,7 @@ class EnhancedRealtimeManager:
 
     async def _session(self) -> None:
         self._state = "connecting"
-        self._lock_conn = await connect(self._url, application_name="cdc-dashboard listener (leader lock)")
+        self._lock_conn = await self._connect("cdc-dashboard listener (leader lock)")
         if not await self._lock_conn.fetchval(self._q["schema_ready"], timeout=self.probe_timeout):
             # Not an outage to wait out: this version needs a `db apply` first. systemd restarts us after it.
             raise UserError("the database's schema is older than this listener: run `cdc-dashboard db apply`")
@@ -190,7 +174,7 @@ class EnhancedRealtimeManager:
         await self._wait_for_leadership(self._lock_conn)
         if self._stopping.is_set():
             return
-        conn = self._conn = await connect(self._url, application_name="cdc-dashboard listener")
+        conn = self._conn = await self._connect("cdc-dashboard listener")
         self._previous_pids = [self._lock_conn.get_server_pid(), conn.get_server_pid()]
         await conn.add_listener(WAKE_CHANNEL, self._on_wake)
         if self._reconnects:
@@ -205,6 +189,10 @@ class EnhancedRealtimeManager:
         else:
             self._notifier.status("live")
         await self._live(conn)
+
+    async def _connect(self, application_name: str) -> asyncpg.Connection:
+        # A batch or a probe that hangs longer than this means a dead connection: reconnect.
+        return await connect_dedicated(self._url, application_name=application_name, command_timeout=10)
 
     async def _reap_previous_sessions(self, conn: asyncpg.Connection) -> None:
         """End our own previous sessions if the server still thinks they are alive.

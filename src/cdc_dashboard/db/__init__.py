@@ -7,11 +7,16 @@ from contextlib import contextmanager
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+import asyncpg
 import psycopg
 
 from ..errors import UserError
 
-__all__ = ["connect_sync", "describe_url", "keepalive_kwargs", "with_database"]
+__all__ = ["connect_dedicated", "connect_sync", "describe_url", "keepalive_kwargs", "with_database"]
+
+# TCP keepalives on every connection that must notice a silently dead peer: probe after 5 s of silence, every
+# 2 s, give up after 3 unanswered probes, so about 10 seconds rather than the kernel's two hours.
+_KEEPALIVE_IDLE, _KEEPALIVE_INTERVAL, _KEEPALIVE_COUNT = 5, 2, 3
 
 
 def describe_url(url: str) -> str:
@@ -24,8 +29,32 @@ def describe_url(url: str) -> str:
 
 
 def keepalive_kwargs() -> dict[str, Any]:
-    """libpq TCP keepalives: a silently dead peer is noticed in about 10 seconds, not hours."""
-    return {"keepalives": 1, "keepalives_idle": 5, "keepalives_interval": 2, "keepalives_count": 3}
+    """libpq TCP keepalives: a silently dead server is noticed in about 10 seconds, not hours."""
+    return {
+        "keepalives": 1,
+        "keepalives_idle": _KEEPALIVE_IDLE,
+        "keepalives_interval": _KEEPALIVE_INTERVAL,
+        "keepalives_count": _KEEPALIVE_COUNT,
+    }
+
+
+async def connect_dedicated(
+    url: str, *, application_name: str, command_timeout: float, timeout: float = 10.0
+) -> asyncpg.Connection:
+    """A connection of its own, never from a pool, for what lives as long as the connection: a LISTEN, a session
+    advisory lock. Server-side keepalives make PostgreSQL drop a dead client within about 10 seconds, and with it
+    the client's locks; a statement that runs past `command_timeout` means a dead connection to the caller."""
+    return await asyncpg.connect(
+        url,
+        timeout=timeout,
+        command_timeout=command_timeout,
+        server_settings={
+            "application_name": application_name,
+            "tcp_keepalives_idle": str(_KEEPALIVE_IDLE),
+            "tcp_keepalives_interval": str(_KEEPALIVE_INTERVAL),
+            "tcp_keepalives_count": str(_KEEPALIVE_COUNT),
+        },
+    )
 
 
 @contextmanager

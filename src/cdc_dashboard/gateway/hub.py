@@ -28,6 +28,7 @@ from typing import Any
 import asyncpg
 from sse_starlette.event import ServerSentEvent
 
+from ..db import connect_dedicated
 from ..db.backoff import Backoff
 from ..sqlfiles import queries
 from .metrics import GatewayMetrics
@@ -332,16 +333,8 @@ class Hub:
 
     async def _connect(self) -> None:
         await self._close_conn()
-        conn: asyncpg.Connection = await asyncpg.connect(
-            self._url,
-            timeout=10,
-            command_timeout=30,
-            server_settings={
-                "application_name": f"cdc-dashboard gateway {self.node}",
-                "tcp_keepalives_idle": "5",
-                "tcp_keepalives_interval": "2",
-                "tcp_keepalives_count": "3",
-            },
+        conn = await connect_dedicated(
+            self._url, application_name=f"cdc-dashboard gateway {self.node}", command_timeout=30
         )
         self._conn = conn
         conn.add_termination_listener(self._on_terminated)
