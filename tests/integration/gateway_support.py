@@ -24,6 +24,7 @@ from starlette.applications import Starlette
 
 from cdc_dashboard.config import Settings
 from cdc_dashboard.gateway.app import create_app
+from cdc_dashboard.gateway.state import GatewayState, gateway_state
 from cdc_dashboard.tokens import create_token
 
 from ..processes import stop_process
@@ -88,8 +89,8 @@ class Gateway:
         return app
 
     @property
-    def app_state(self) -> Any:
-        return self.app.state
+    def app_state(self) -> GatewayState:
+        return gateway_state(self.app)
 
 
 @contextlib.asynccontextmanager

@@ -1,8 +1,9 @@
 """The gateway application (`create_app`) and how `cdc-dashboard serve` runs it under uvicorn (`serve`).
 
 The app mounts its own routes (event streams, operations) and those of the figures, webhooks and page
-modules. Its lifespan opens the asyncpg pool (`app.state.pool`), starts the hub (one LISTEN connection for the
-whole process) and, with `with_listener`, the listener in the same process.
+modules, and keeps what they share in one `GatewayState` (gateway/state.py). Its lifespan opens the asyncpg pool,
+starts the hub (one LISTEN connection for the whole process) and, with `with_listener`, the listener in the same
+process.
 
 Errors: an HTTPException becomes `{"error": reason}` with its status; anything else is a 500 with
 `{"error": "internal error"}` (the traceback goes to the log, never to the client).
@@ -37,6 +38,7 @@ from . import figures, ops, page, streams, webhooks
 from .heap import HeapKeeper
 from .hub import Hub
 from .metrics import GatewayMetrics
+from .state import GatewayState, gateway_state
 
 __all__ = ["create_app", "serve"]
 
@@ -77,23 +79,19 @@ def create_app(settings: Settings, *, with_listener: bool = False) -> Starlette:
     """The gateway as an ASGI app on `settings.database_url`; nothing connects until its lifespan starts."""
     database_url = settings.require_database_url()
     metrics = GatewayMetrics()
+    hub = Hub(
+        database_url,
+        metrics,
+        recent_events=settings.sse_replay_memory_events,
+        send_timeout=settings.sse_send_timeout_seconds,
+    )
+    state = GatewayState(settings, metrics, hub)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        app.state.settings = settings
-        app.state.metrics = metrics
-        app.state.listener = None
-        app.state.fatal = None
-        app.state.pool = await asyncpg.create_pool(
-            database_url, min_size=1, max_size=10, timeout=10, command_timeout=30
-        )
-        hub = Hub(
-            database_url,
-            metrics,
-            recent_events=settings.sse_replay_memory_events,
-            send_timeout=settings.sse_send_timeout_seconds,
-        )
-        app.state.hub = hub
+        state.listener = None
+        state.fatal = None
+        state.pool = await asyncpg.create_pool(database_url, min_size=1, max_size=10, timeout=10, command_timeout=30)
         listener_task: asyncio.Task[None] | None = None
         # Open streams are long-lived objects: keep the garbage collector from walking them on every broadcast.
         heap = HeapKeeper()
@@ -101,19 +99,20 @@ def create_app(settings: Settings, *, with_listener: bool = False) -> Starlette:
             await hub.start()
             heap.start()
             if with_listener:
-                listener_task = _start_listener(app, settings)
+                listener_task = _start_listener(state)
             log.info("gateway started", extra={"node": hub.node, "position": hub.position})
             yield
         finally:
             hub.drain()
-            if listener_task is not None:
-                app.state.listener.stop()
+            if listener_task is not None and state.listener is not None:
+                state.listener.stop()
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(listener_task, timeout=_CLOSE_TIMEOUT * 2)
             await hub.stop()
             heap.stop()
+            pool, state.pool = state.pool, None
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(app.state.pool.close(), timeout=_CLOSE_TIMEOUT)
+                await asyncio.wait_for(pool.close(), timeout=_CLOSE_TIMEOUT)
             log.info("gateway stopped")
 
     uvicorn_log = logging.getLogger("uvicorn.error")
@@ -125,33 +124,28 @@ def create_app(settings: Settings, *, with_listener: bool = False) -> Starlette:
         exception_handlers={HTTPException: _http_error, Exception: _server_error},
         lifespan=lifespan,
     )
-    # Set before the lifespan too, so code that only holds the app (tests, `serve`) can read them.
-    app.state.settings = settings
-    app.state.metrics = metrics
-    app.state.on_fatal = None
-    app.state.fatal = None
+    app.state.gateway = state
     return app
 
 
-def _start_listener(app: Starlette, settings: Settings) -> asyncio.Task[None]:
+def _start_listener(state: GatewayState) -> asyncio.Task[None]:
     from ..listener import EnhancedRealtimeManager
 
     # The gateway speaks sd_notify for the whole process (READY once it accepts connections); the listener's
     # own READY would come before the socket is bound.
-    listener = EnhancedRealtimeManager(settings, notifier=_MutedNotifier())
-    app.state.listener = listener
+    listener = EnhancedRealtimeManager(state.settings, notifier=_MutedNotifier())
+    state.listener = listener
     task = asyncio.create_task(listener.run(), name="listener")
 
     def finished(done: asyncio.Task[None]) -> None:
-        if app.state.hub.draining:
+        if state.hub.draining:
             return  # stopping: expected
         reason = "stopped" if done.cancelled() or done.exception() is None else repr(done.exception())
         # A listener that dies takes the process down loudly, so systemd's Restart= brings both back.
         log.critical("the in-process listener ended unexpectedly", extra={"reason": reason})
-        app.state.fatal = reason
-        on_fatal: Callable[[], None] | None = app.state.on_fatal
-        if on_fatal is not None:
-            on_fatal()
+        state.fatal = reason
+        if state.on_fatal is not None:
+            state.on_fatal()
 
     task.add_done_callback(finished)
     return task
@@ -177,7 +171,7 @@ class _GatewayServer(uvicorn.Server):
 
     def __init__(self, config: uvicorn.Config, app: Starlette, on_ready: Callable[[], None] | None) -> None:
         super().__init__(config)
-        self._app = app
+        self._state = gateway_state(app)
         self._on_ready = on_ready
         self._notifier = Notifier()
         self._announce: asyncio.Task[None] | None = None
@@ -188,7 +182,7 @@ class _GatewayServer(uvicorn.Server):
             self._announce = asyncio.create_task(self._announce_ready(self._on_ready))
 
     async def _announce_ready(self, on_ready: Callable[[], None] | None) -> None:
-        listener = getattr(self._app.state, "listener", None)
+        listener = self._state.listener
         if listener is not None:
             await listener.ready.wait()
         self._notifier.ready("serving")
@@ -202,10 +196,8 @@ class _GatewayServer(uvicorn.Server):
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         self._notifier.stopping()
-        hub: Hub | None = getattr(self._app.state, "hub", None)
-        if hub is not None:
-            with contextlib.suppress(RuntimeError):
-                asyncio.get_running_loop().call_soon_threadsafe(hub.drain)
+        with contextlib.suppress(RuntimeError):
+            asyncio.get_running_loop().call_soon_threadsafe(self._state.hub.drain)
         super().handle_exit(sig, frame)
 
 
@@ -252,8 +244,9 @@ def serve(
     def fatal() -> None:
         server.handle_exit(signal.SIGTERM, None)
 
-    app.state.on_fatal = fatal
+    state = gateway_state(app)
+    state.on_fatal = fatal
     server.run()
-    if app.state.fatal is not None:
+    if state.fatal is not None:
         return 1
     return 0 if server.started else 1

@@ -18,6 +18,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import HTTPConnection
 
 from ..tokens import ALGORITHM, ISSUER
+from .state import gateway_state
 
 __all__ = [
     "TokenClaims",
@@ -99,7 +100,7 @@ def parse_business_id(value: str) -> str:
 
 
 def _secret(request: HTTPConnection) -> str:
-    secret: str | None = request.app.state.settings.secret
+    secret = gateway_state(request).settings.secret
     if not secret:
         # `serve` refuses to start without one; reaching this is a deployment bug, not the client's fault.
         raise HTTPException(503, "the gateway has no CDC_SECRET configured")

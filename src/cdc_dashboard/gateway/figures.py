@@ -21,6 +21,7 @@ from starlette.routing import BaseRoute, Route
 
 from ..figures import reads, rebuild
 from .auth import authorize
+from .state import gateway_state
 
 __all__ = ["routes"]
 
@@ -63,7 +64,7 @@ def _respond(request: Request, body: dict[str, Any] | None, what: str = "busines
 
 async def _with_conn(request: Request, work: Callable[[Any], Awaitable[dict[str, Any] | None]]) -> Response:
     try:
-        async with request.app.state.pool.acquire() as conn:
+        async with gateway_state(request).database().acquire() as conn:
             body = await work(conn)
     except reads.BadRequest as exc:
         raise HTTPException(400, str(exc)) from None
@@ -122,7 +123,7 @@ def _list_route(kind: reads.ListKind) -> Callable[[Request], Awaitable[Response]
 
 async def refresh(request: Request) -> Response:
     business_id = _business(request)
-    async with request.app.state.pool.acquire() as conn:
+    async with gateway_state(request).database().acquire() as conn:
         report = await rebuild.refresh(conn, business_id)
     if report is None:
         raise HTTPException(404, "no such business")

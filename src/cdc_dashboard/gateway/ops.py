@@ -14,8 +14,7 @@ from starlette.routing import BaseRoute, Route
 
 from ..sqlfiles import queries
 from .auth import authorize_admin
-from .hub import Hub
-from .metrics import GatewayMetrics
+from .state import gateway_state
 
 __all__ = ["routes"]
 
@@ -30,7 +29,7 @@ async def healthz(request: Request) -> Response:
 
 async def _database_ok(request: Request) -> bool:
     try:
-        async with asyncio.timeout(_PROBE_TIMEOUT), request.app.state.pool.acquire() as conn:
+        async with asyncio.timeout(_PROBE_TIMEOUT), gateway_state(request).database().acquire() as conn:
             await conn.fetchval(queries("gateway")["ping"])
     except Exception:
         return False
@@ -40,24 +39,25 @@ async def _database_ok(request: Request) -> bool:
 async def readyz(request: Request) -> Response:
     """200 when the database answers, the events channel is listened to and (in-process) the listener is
     ready; else 503 with what is missing. A draining gateway is not ready: balancers stop sending to it."""
-    hub: Hub = request.app.state.hub
+    state = gateway_state(request)
+    hub = state.hub
     checks: dict[str, bool] = {
         "database": await _database_ok(request),
         "listening": hub.listening.is_set(),
         "not_draining": not hub.draining,
     }
-    listener = getattr(request.app.state, "listener", None)
-    if listener is not None:
-        checks["listener"] = listener.ready.is_set()
+    if state.listener is not None:
+        checks["listener"] = state.listener.ready.is_set()
     ok = all(checks.values())
     return JSONResponse({"status": "ready" if ok else "not ready", "checks": checks}, status_code=200 if ok else 503)
 
 
 async def metrics(request: Request) -> Response:
-    gateway_metrics: GatewayMetrics = request.app.state.metrics
-    gateway_metrics.open_streams.set(request.app.state.hub.subscriber_count)
+    state = gateway_state(request)
+    gateway_metrics = state.metrics
+    gateway_metrics.open_streams.set(state.hub.subscriber_count)
     try:
-        async with asyncio.timeout(_PROBE_TIMEOUT), request.app.state.pool.acquire() as conn:
+        async with asyncio.timeout(_PROBE_TIMEOUT), state.database().acquire() as conn:
             row = await conn.fetchrow(queries("gateway")["listener_lag"])
     except Exception:
         row = None  # the database is unreachable: /readyz says so; the gauges keep their last values
@@ -94,10 +94,10 @@ async def status(request: Request) -> Response:
     """Troubleshooting state for an admin: this gateway, the listener's bookkeeping row, the changes it set
     aside, the embedded listener."""
     authorize_admin(request)
-    hub: Hub = request.app.state.hub
-    body: dict[str, Any] = {"gateway": hub.status()}
+    state = gateway_state(request)
+    body: dict[str, Any] = {"gateway": state.hub.status()}
     try:
-        async with asyncio.timeout(_PROBE_TIMEOUT), request.app.state.pool.acquire() as conn:
+        async with asyncio.timeout(_PROBE_TIMEOUT), state.database().acquire() as conn:
             row = await conn.fetchrow(queries("gateway")["listener_state"])
             body["listener_state"] = {key: _jsonable(value) for key, value in dict(row).items()} if row else None
             try:
@@ -107,9 +107,8 @@ async def status(request: Request) -> Response:
         body["database"] = "ok"
     except Exception as exc:
         body["database"] = f"unreachable: {type(exc).__name__}"
-    listener = getattr(request.app.state, "listener", None)
-    if listener is not None:
-        body["embedded_listener"] = {key: _jsonable(value) for key, value in listener.status().items()}
+    if state.listener is not None:
+        body["embedded_listener"] = {key: _jsonable(value) for key, value in state.listener.status().items()}
     return JSONResponse(body)
 
 

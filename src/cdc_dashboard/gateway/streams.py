@@ -27,12 +27,11 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from ..config import Settings
 from ..sqlfiles import queries
 from .auth import TokenClaims, authorize
 from .eventstream import EventStreamResponse
-from .hub import SEP, Hub, HubEvent, Subscriber, encode_event
-from .metrics import GatewayMetrics
+from .hub import SEP, HubEvent, Subscriber, encode_event
+from .state import gateway_state
 
 __all__ = ["RETRY_MS", "routes"]
 
@@ -73,7 +72,8 @@ async def _events(
     start: int,
     recent: list[HubEvent] | None,
 ) -> AsyncGenerator[bytes, None]:
-    metrics: GatewayMetrics = request.app.state.metrics
+    state = gateway_state(request)
+    metrics = state.metrics
     yield ServerSentEvent(retry=RETRY_MS, sep=SEP).encode()
     sent = start if last_id is None else last_id
     if recent is not None:
@@ -96,7 +96,7 @@ async def _events(
     loop = asyncio.get_running_loop()
     # Loop time of the token's expiry: the stream ends then.
     expiry = loop.time() + claims.seconds_left()
-    ping_every: float = request.app.state.settings.sse_ping_seconds
+    ping_every = state.settings.sse_ping_seconds
     next_ping = loop.time() + ping_every
     while True:
         sub.wake_at(min(expiry, next_ping))
@@ -125,11 +125,12 @@ async def _events(
 
 async def _replay(request: Request, business_id: str, last_id: int, start: int) -> AsyncIterator[tuple[bytes, int]]:
     """The retained events of the business after `last_id`; a resync first when history was pruned."""
-    metrics: GatewayMetrics = request.app.state.metrics
+    state = gateway_state(request)
+    metrics = state.metrics
     sql = queries("gateway")["stream_replay"]
     position = last_id
     while True:
-        async with request.app.state.pool.acquire(timeout=_POOL_TIMEOUT) as conn:
+        async with state.database().acquire(timeout=_POOL_TIMEOUT) as conn:
             rows = await conn.fetch(sql, position, business_id, _REPLAY_PAGE)
         pruned_through, newest = rows[0]["pruned_through"], rows[0]["last_event_id"]
         if position < pruned_through or position > max(newest, start):
@@ -154,9 +155,8 @@ async def stream_events(request: Request) -> Response:
     claims = authorize(request, business_id)
     business_id = business_id.lower()
     last_id = _last_event_id(request)
-    settings: Settings = request.app.state.settings
-    hub: Hub = request.app.state.hub
-    metrics: GatewayMetrics = request.app.state.metrics
+    state = gateway_state(request)
+    settings, hub, metrics = state.settings, state.hub, state.metrics
     if hub.draining:
         metrics.streams_rejected.labels("draining").inc()
         raise HTTPException(503, "the gateway is shutting down", headers={"Retry-After": _retry_after()})

@@ -21,11 +21,11 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from ..config import Settings
 from ..ingest import mpesa, paystack
 from ..ingest.recording import Recorded, record_c2b, record_paystack_charge, record_paystack_refund, record_stk
 from ..ingest.sources import IPNetwork, caller_ip, is_allowed, networks
 from ..ingest.wire import BadPayload, load_json
+from .state import gateway_state
 
 __all__ = ["MAX_BODY_BYTES", "routes"]
 
@@ -59,9 +59,7 @@ _metrics_by_registry: weakref.WeakKeyDictionary[CollectorRegistry, _WebhookMetri
 
 
 def _observe(request: Request, provider: str, result: str, started: float) -> None:
-    registry = getattr(getattr(request.app.state, "metrics", None), "registry", None)
-    if not isinstance(registry, CollectorRegistry):
-        return
+    registry = gateway_state(request).metrics.registry
     metrics = _metrics_by_registry.get(registry)
     if metrics is None:
         metrics = _metrics_by_registry[registry] = _WebhookMetrics(registry)
@@ -74,11 +72,6 @@ class _Rejected(Exception):
         super().__init__(reason)
         self.status = status
         self.reason = reason
-
-
-def _settings(request: Request) -> Settings:
-    settings: Settings = request.app.state.settings
-    return settings
 
 
 async def _read_body(request: Request) -> bytes:
@@ -104,7 +97,7 @@ def _nets(entries: tuple[str, ...]) -> list[IPNetwork]:
 
 
 def _check_mpesa_caller(request: Request) -> None:
-    settings = _settings(request)
+    settings = gateway_state(request).settings
     expected = settings.mpesa_callback_token
     if not expected:
         raise _Rejected(503, "M-Pesa callbacks are not configured (CDC_MPESA_CALLBACK_TOKEN is unset)")
@@ -127,7 +120,7 @@ def _rejection(provider: str, request: Request, status: int, reason: str) -> Res
 async def _record(
     provider: str, request: Request, work: Callable[[asyncpg.Pool], Awaitable[Recorded]]
 ) -> Recorded | Response:
-    pool = getattr(request.app.state, "pool", None)
+    pool = gateway_state(request).pool
     if pool is None:
         return _rejection(provider, request, 503, "database is not available")
     started = time.perf_counter()
@@ -185,7 +178,7 @@ def _never_500(
 async def paystack_webhook(request: Request) -> Response:
     provider = paystack.PROVIDER
     try:
-        secret = _settings(request).paystack_secret_key
+        secret = gateway_state(request).settings.paystack_secret_key
         if not secret:
             raise _Rejected(503, "Paystack webhooks are not configured (CDC_PAYSTACK_SECRET_KEY is unset)")
         body = await _read_body(request)
