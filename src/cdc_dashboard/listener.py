@@ -77,6 +77,8 @@ class LostLeadership(Exception):
 # shutdown, a schema a deploy has not finished), and sets a change that fails on its own data aside in
 # dashboard.dead_letters (sql/schema/0010). No error from the database stops the daemon.
 RECONNECT_ERRORS: tuple[type[BaseException], ...] = (*CONNECTION_ERRORS, LostLeadership, asyncpg.PostgresError)
+# A goodbye (the last statements, a close) that fails leaves nothing to do: the next listener cleans up.
+_GOODBYE_ERRORS: tuple[type[BaseException], ...] = (*CONNECTION_ERRORS, asyncpg.PostgresError)
 
 
 class EnhancedRealtimeManager:
@@ -335,7 +337,7 @@ class EnhancedRealtimeManager:
             try:
                 await conn.execute(self._q["announce_awake"], timeout=2)
                 await conn.execute(self._q["heartbeat"], "stopped", timeout=2)
-            except (*CONNECTION_ERRORS, asyncpg.PostgresError):
+            except _GOODBYE_ERRORS:
                 pass  # nothing more to do: the next listener resets both
         self._state = "stopped"
         log.info("listener stopped", extra={"node": self.node})
@@ -351,7 +353,7 @@ class EnhancedRealtimeManager:
                 continue
             try:
                 await asyncio.wait_for(conn.close(), timeout=2)
-            except (*CONNECTION_ERRORS, asyncpg.PostgresError):
+            except _GOODBYE_ERRORS:
                 conn.terminate()
         self._conn = self._lock_conn = None
 

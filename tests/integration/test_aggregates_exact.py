@@ -336,8 +336,10 @@ async def expected_figures(conn: asyncpg.Connection, business_id: uuid.UUID) -> 
         "clients_total": counts["clients_total"],
         "clients_new_today": await conn.fetchval(ORACLE_NEW_TODAY, business_id),
         "bookings": {
-            "by_status": dict(sorted(await conn.fetch(ORACLE_BY_STATUS, business_id))),
-            "by_payment_status": dict(sorted(await conn.fetch(ORACLE_BY_PAYMENT_STATUS, business_id))),
+            "by_status": dict(sorted((r[0], r[1]) for r in await conn.fetch(ORACLE_BY_STATUS, business_id))),
+            "by_payment_status": dict(
+                sorted((r[0], r[1]) for r in await conn.fetch(ORACLE_BY_PAYMENT_STATUS, business_id))
+            ),
         },
     }
 

@@ -4,15 +4,19 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeAlias
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import psycopg
+from asyncpg.pool import PoolConnectionProxy
 
 from ..errors import UserError
 
-__all__ = ["connect_dedicated", "connect_sync", "describe_url", "keepalive_kwargs", "with_database"]
+__all__ = ["AsyncConnection", "connect_dedicated", "connect_sync", "describe_url", "keepalive_kwargs", "with_database"]
+
+# An asyncpg connection of its own or one borrowed from a pool: the same methods, two types.
+AsyncConnection: TypeAlias = asyncpg.Connection | PoolConnectionProxy
 
 # TCP keepalives on every connection that must notice a silently dead peer: probe after 5 s of silence, every
 # 2 s, give up after 3 unanswered probes, so about 10 seconds rather than the kernel's two hours.

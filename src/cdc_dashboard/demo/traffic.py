@@ -345,16 +345,16 @@ class _Traffic:
 
 async def _businesses(pool: asyncpg.Pool, count: int, rng: random.Random) -> list[_Business]:
     q = queries("simulate")
-    rows = list(await pool.fetch(q["businesses"], count))
+    rows = [(r["id"], r["mpesa_shortcode"], r["currency"]) for r in await pool.fetch(q["businesses"], count)]
     for n in range(len(rows), count):
         shortcode = str(rng.randint(100000, 999999))
         created = await pool.fetchval(q["create_business"], f"Simulated Business {n + 1}", shortcode)
         if created is not None:
-            rows.append({"id": created, "mpesa_shortcode": shortcode, "currency": "KES"})
+            rows.append((created, shortcode, "KES"))
     found = []
-    for row in rows:
-        clients = [(r["email"], r["phone"], r["name"]) for r in await pool.fetch(q["returning_clients"], row["id"])]
-        found.append(_Business(uuid.UUID(str(row["id"])), row["mpesa_shortcode"], row["currency"], clients))
+    for business_id, shortcode, currency in rows:
+        clients = [(r["email"], r["phone"], r["name"]) for r in await pool.fetch(q["returning_clients"], business_id)]
+        found.append(_Business(uuid.UUID(str(business_id)), shortcode, currency, clients))
     return found
 
 

@@ -20,6 +20,7 @@ from zoneinfo import ZoneInfo
 
 import asyncpg
 
+from ..db import AsyncConnection
 from ..sqlfiles import queries
 
 __all__ = [
@@ -106,7 +107,7 @@ def _figures_from_row(business_id: uuid.UUID, row: asyncpg.Record) -> Figures:
     return Figures(str(business_id), row["as_of_event_id"], figures, profile)
 
 
-async def stats(conn: asyncpg.Connection, business_id: uuid.UUID) -> Figures | None:
+async def stats(conn: AsyncConnection, business_id: uuid.UUID) -> Figures | None:
     """The business's figures, or None when there is no such business."""
     row = await conn.fetchrow(queries("figures")["stats"], business_id)
     if row is None or not row["found"]:
@@ -114,7 +115,7 @@ async def stats(conn: asyncpg.Connection, business_id: uuid.UUID) -> Figures | N
     return _figures_from_row(business_id, row)
 
 
-async def business_data(conn: asyncpg.Connection, business_id: uuid.UUID) -> dict[str, Any] | None:
+async def business_data(conn: AsyncConnection, business_id: uuid.UUID) -> dict[str, Any] | None:
     """`['business-data', id]`: the profile and the headline figures, or None for an unknown business."""
     figures = await stats(conn, business_id)
     if figures is None:
@@ -195,7 +196,7 @@ def _default_start(granularity: Granularity, end: datetime, tz: ZoneInfo) -> dat
 
 
 async def revenue_series(
-    conn: asyncpg.Connection,
+    conn: AsyncConnection,
     business_id: uuid.UUID,
     granularity: str | None,
     start: str | None,
@@ -292,7 +293,7 @@ def parse_limit(value: str | None) -> int:
 
 
 async def list_page(
-    conn: asyncpg.Connection, kind: ListKind, business_id: uuid.UUID, before: str | None, limit: str | None
+    conn: AsyncConnection, kind: ListKind, business_id: uuid.UUID, before: str | None, limit: str | None
 ) -> Page | None:
     """One page, newest first, strictly before the cursor; None for an unknown business."""
     size = parse_limit(limit)

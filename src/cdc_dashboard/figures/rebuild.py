@@ -17,6 +17,7 @@ from typing import Any
 
 import asyncpg
 
+from ..db import AsyncConnection
 from ..errors import UserError
 from ..events import manual_refresh_payload
 from ..sqlfiles import queries
@@ -62,7 +63,7 @@ def figure_differences(before: dict[str, Any], after: dict[str, Any]) -> dict[st
     }
 
 
-async def _rebuild_in_transaction(conn: asyncpg.Connection, ids: list[uuid.UUID], report: RebuildReport) -> None:
+async def _rebuild_in_transaction(conn: AsyncConnection, ids: list[uuid.UUID], report: RebuildReport) -> None:
     """Rebuild these businesses and emit their invalidations, in the caller's transaction. A business outside
     `ids` whose figures the rebuild also repaired (a payment or booking moved to or from it) gets one too."""
     q = queries("figures")
@@ -82,7 +83,7 @@ async def _rebuild_in_transaction(conn: asyncpg.Connection, ids: list[uuid.UUID]
     report.businesses += len(ids)
 
 
-async def refresh(conn: asyncpg.Connection, business_id: uuid.UUID) -> dict[str, Any] | None:
+async def refresh(conn: AsyncConnection, business_id: uuid.UUID) -> dict[str, Any] | None:
     """Recompute one business from the base tables and emit an invalidation, in one transaction.
 
     Returns what was repaired (rows per rollup, figures before and after), or None for an unknown business.
@@ -192,7 +193,7 @@ async def _with_heartbeat(work: Coroutine[Any, Any, None], shown: _Progress) -> 
 
 
 async def rebuild(
-    conn: asyncpg.Connection,
+    conn: AsyncConnection,
     business_ids: list[uuid.UUID] | None = None,
     *,
     progress: Callable[[str], None] | None = None,

@@ -19,6 +19,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
+from ..db import AsyncConnection
 from ..figures import reads, rebuild
 from .auth import authorize
 from .state import gateway_state
@@ -62,7 +63,7 @@ def _respond(request: Request, body: dict[str, Any] | None, what: str = "busines
     return JSONResponse(body, headers=headers)
 
 
-async def _with_conn(request: Request, work: Callable[[Any], Awaitable[dict[str, Any] | None]]) -> Response:
+async def _with_conn(request: Request, work: Callable[[AsyncConnection], Awaitable[dict[str, Any] | None]]) -> Response:
     try:
         async with gateway_state(request).database().acquire() as conn:
             body = await work(conn)
@@ -74,7 +75,7 @@ async def _with_conn(request: Request, work: Callable[[Any], Awaitable[dict[str,
 async def stats(request: Request) -> Response:
     business_id = _business(request)
 
-    async def work(conn: Any) -> dict[str, Any] | None:
+    async def work(conn: AsyncConnection) -> dict[str, Any] | None:
         found = await reads.stats(conn, business_id)
         return found.stats_body() if found else None
 
@@ -90,7 +91,7 @@ async def revenue(request: Request) -> Response:
     business_id = _business(request)
     params = request.query_params
 
-    async def work(conn: Any) -> dict[str, Any] | None:
+    async def work(conn: AsyncConnection) -> dict[str, Any] | None:
         series = await reads.revenue_series(
             conn, business_id, params.get("granularity"), params.get("from"), params.get("to")
         )
@@ -104,7 +105,7 @@ def _list_route(kind: reads.ListKind) -> Callable[[Request], Awaitable[Response]
         business_id = _business(request)
         params = request.query_params
 
-        async def work(conn: Any) -> dict[str, Any] | None:
+        async def work(conn: AsyncConnection) -> dict[str, Any] | None:
             page = await reads.list_page(conn, kind, business_id, params.get("before"), params.get("limit"))
             if page is None:
                 return None

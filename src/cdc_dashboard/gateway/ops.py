@@ -12,6 +12,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
+from ..db import AsyncConnection
 from ..sqlfiles import queries
 from .auth import authorize_admin
 from .state import gateway_state
@@ -78,10 +79,11 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-async def _dead_letters(conn: asyncpg.Connection) -> dict[str, Any]:
+async def _dead_letters(conn: AsyncConnection) -> dict[str, Any]:
     """The changes the listener set aside: how many, since when, and the newest few (docs/API.md)."""
     q = queries("gateway")
     summary = await conn.fetchrow(q["dead_letters_summary"])
+    assert summary is not None  # an aggregate without group by: always one row
     recent = await conn.fetch(q["dead_letters_recent"], STATUS_DEAD_LETTERS)
     return {
         "count": summary["count"],

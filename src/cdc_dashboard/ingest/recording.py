@@ -28,6 +28,7 @@ from typing import Any, Literal
 
 import asyncpg
 
+from ..db import AsyncConnection
 from ..sqlfiles import queries
 from .mpesa import CURRENCY as MPESA_CURRENCY
 from .mpesa import PROVIDER as MPESA
@@ -77,7 +78,7 @@ def _q() -> dict[str, str]:
 
 
 async def _in_transaction(
-    pool: asyncpg.Pool, work: Callable[[asyncpg.Connection], Awaitable[Recorded]], *, acquire_timeout: float = 5.0
+    pool: asyncpg.Pool, work: Callable[[AsyncConnection], Awaitable[Recorded]], *, acquire_timeout: float = 5.0
 ) -> Recorded:
     for attempt in range(1, _ATTEMPTS + 1):
         async with pool.acquire(timeout=acquire_timeout) as conn:
@@ -91,12 +92,12 @@ async def _in_transaction(
     raise AssertionError("unreachable")
 
 
-async def _lock(conn: asyncpg.Connection, key: str) -> None:
+async def _lock(conn: AsyncConnection, key: str) -> None:
     await conn.execute(_q()["lock_key"], key)
 
 
 async def _client(
-    conn: asyncpg.Connection, *, business_id: uuid.UUID, email: str | None, phone: str | None, name: str
+    conn: AsyncConnection, *, business_id: uuid.UUID, email: str | None, phone: str | None, name: str
 ) -> uuid.UUID | None:
     """The client paying `business_id`, found or created.
 
@@ -125,7 +126,7 @@ async def _client(
     return uuid.UUID(str(created))
 
 
-async def _booking(conn: asyncpg.Connection, booking_id: uuid.UUID | None, business_id: uuid.UUID) -> uuid.UUID | None:
+async def _booking(conn: AsyncConnection, booking_id: uuid.UUID | None, business_id: uuid.UUID) -> uuid.UUID | None:
     """The booking, locked, when it exists and belongs to the business (metadata is not trusted further)."""
     if booking_id is None:
         return None
@@ -133,14 +134,14 @@ async def _booking(conn: asyncpg.Connection, booking_id: uuid.UUID | None, busin
     return None if found is None else uuid.UUID(str(found))
 
 
-async def _refresh_booking(conn: asyncpg.Connection, booking_id: Any) -> None:
+async def _refresh_booking(conn: AsyncConnection, booking_id: Any) -> None:
     if booking_id is not None:
         await conn.execute(_q()["lock_booking_row"], booking_id)
         await conn.execute(_q()["refresh_booking_payment_status"], booking_id)
 
 
 async def _audit(
-    conn: asyncpg.Connection,
+    conn: AsyncConnection,
     *,
     business_id: Any,
     payment_id: Any,
@@ -167,7 +168,7 @@ async def _audit(
 
 
 async def _ledger(
-    conn: asyncpg.Connection,
+    conn: AsyncConnection,
     *,
     business_id: Any,
     client_id: Any,
@@ -180,7 +181,7 @@ async def _ledger(
 
 
 async def _new_payment(
-    conn: asyncpg.Connection,
+    conn: AsyncConnection,
     *,
     business_id: uuid.UUID,
     client_id: uuid.UUID | None,
@@ -234,7 +235,7 @@ async def _new_payment(
 
 
 async def _complete_pending(
-    conn: asyncpg.Connection,
+    conn: AsyncConnection,
     row: asyncpg.Record,
     *,
     client_id: uuid.UUID | None,
@@ -276,7 +277,7 @@ async def _complete_pending(
 
 
 async def _unattributed(
-    conn: asyncpg.Connection,
+    conn: AsyncConnection,
     *,
     provider: str,
     amount_minor: int,
@@ -302,7 +303,7 @@ async def _unattributed(
 # -- Paystack ------------------------------------------------------------------------------------------------
 
 
-async def _paystack_business(conn: asyncpg.Connection, charge: PaystackCharge) -> uuid.UUID | None:
+async def _paystack_business(conn: AsyncConnection, charge: PaystackCharge) -> uuid.UUID | None:
     """The business a new charge pays, or None (kept unattributed).
 
     The subaccount is set by the business's Paystack integration; metadata by whoever opens the checkout, which
@@ -335,7 +336,7 @@ async def _paystack_business(conn: asyncpg.Connection, charge: PaystackCharge) -
 async def record_paystack_charge(pool: asyncpg.Pool, charge: PaystackCharge, raw: str) -> Recorded:
     """`charge.success`: the payment with this reference is completed (created, or moved from pending)."""
 
-    async def work(conn: asyncpg.Connection) -> Recorded:
+    async def work(conn: AsyncConnection) -> Recorded:
         q = _q()
         await _lock(conn, f"{PAYSTACK}:{charge.reference}")
         row = await conn.fetchrow(q["payment_by_reference"], PAYSTACK, charge.reference)
@@ -405,7 +406,7 @@ async def record_paystack_refund(pool: asyncpg.Pool, refund: PaystackRefund, raw
     """
     key = _refund_key(refund)
 
-    async def _refund_unattributed(conn: asyncpg.Connection) -> Recorded:
+    async def _refund_unattributed(conn: AsyncConnection) -> Recorded:
         return await _unattributed(
             conn,
             provider=PAYSTACK,
@@ -416,7 +417,7 @@ async def record_paystack_refund(pool: asyncpg.Pool, refund: PaystackRefund, raw
             provider_reference=key,
         )
 
-    async def work(conn: asyncpg.Connection) -> Recorded:
+    async def work(conn: AsyncConnection) -> Recorded:
         # The charge's own key: a refund waits for the charge's delivery, and refunds of one payment for each
         # other, so each sees what the one before left.
         await _lock(conn, f"{PAYSTACK}:{refund.transaction_reference}")
@@ -480,7 +481,7 @@ async def record_paystack_refund(pool: asyncpg.Pool, refund: PaystackRefund, raw
 # -- M-Pesa --------------------------------------------------------------------------------------------------
 
 
-async def _stk_success(conn: asyncpg.Connection, row: asyncpg.Record, result: StkResult, raw: str) -> Recorded:
+async def _stk_success(conn: AsyncConnection, row: asyncpg.Record, result: StkResult, raw: str) -> Recorded:
     assert result.receipt is not None and result.amount_minor is not None
     q = _q()
     await _lock(conn, f"{MPESA}:receipt:{result.receipt}")
@@ -544,7 +545,7 @@ async def record_stk(pool: asyncpg.Pool, result: StkResult, raw: str) -> Recorde
     """STK push result: the pending payment whose provider_reference is the CheckoutRequestID is completed
     (ResultCode 0) or failed (any other code)."""
 
-    async def work(conn: asyncpg.Connection) -> Recorded:
+    async def work(conn: AsyncConnection) -> Recorded:
         await _lock(conn, f"{MPESA}:checkout:{result.checkout_request_id}")
         row = await conn.fetchrow(_q()["payment_by_reference"], MPESA, result.checkout_request_id)
         if row is None and result.receipt is not None:
@@ -588,7 +589,7 @@ async def record_stk(pool: asyncpg.Pool, result: StkResult, raw: str) -> Recorde
 async def record_c2b(pool: asyncpg.Pool, payment: C2BPayment, raw: str) -> Recorded:
     """C2B confirmation: a completed payment to the business that owns the shortcode, keyed by TransID."""
 
-    async def work(conn: asyncpg.Connection) -> Recorded:
+    async def work(conn: AsyncConnection) -> Recorded:
         q = _q()
         await _lock(conn, f"{MPESA}:receipt:{payment.trans_id}")
         existing = await conn.fetchrow(q["payment_by_receipt"], payment.trans_id)

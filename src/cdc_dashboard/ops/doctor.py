@@ -193,8 +193,20 @@ class _Doctor:
         self._url = settings.database_url
         self._gateway = gateway_url.rstrip("/")
         self._q = queries("doctor")
-        self._conn: Any = None
+        self._conn: asyncpg.Connection | None = None
         self._results: dict[str, CheckResult] = {}
+
+    @property
+    def _db(self) -> asyncpg.Connection:
+        """The connection the `database` check opened; every check that uses it needs that one to pass."""
+        assert self._conn is not None
+        return self._conn
+
+    async def _one_row(self, query: str) -> asyncpg.Record:
+        """The row of a query that always answers one (an aggregate without group by, a row checked before)."""
+        row = await self._db.fetchrow(self._q[query])
+        assert row is not None, query
+        return row
 
     async def run(self) -> list[CheckResult]:
         plan: list[tuple[str, Callable[[], Awaitable[Outcome]], tuple[str, ...]]] = [
@@ -278,7 +290,7 @@ class _Doctor:
                 f"cannot connect to {describe_url(self._url)}: {reason}",
                 "start PostgreSQL or correct CDC_DATABASE_URL (host, port, user, password, database)",
             ) from None
-        row = await self._conn.fetchrow(self._q["server"])
+        row = await self._one_row("server")
         return f"PostgreSQL {row['version']}, database {row['database']}", {
             "server_version": row["version"],
             "database": row["database"],
@@ -309,14 +321,14 @@ class _Doctor:
     # -- capture --------------------------------------------------------------------------------------------
 
     async def _capture(self) -> Outcome:
-        rows = await self._conn.fetch(self._q["capture_objects"])
+        rows = await self._db.fetch(self._q["capture_objects"])
         missing = [r["name"] for r in rows if not r["present"]]
         details: dict[str, Any] = {"objects": [r["name"] for r in rows], "missing": missing}
         if missing:
             raise _Failed(f"capture is not installed: missing {', '.join(missing)}", _DB_APPLY, details)
         recorded = None
         with contextlib.suppress(*_MISSING_OBJECT_ERRORS):
-            recorded = await self._conn.fetchval(self._q["capture_recorded_checksum"])
+            recorded = await self._db.fetchval(self._q["capture_recorded_checksum"])
         current = hashlib.sha256((sql_dir() / "triggers" / "install.sql").read_bytes()).hexdigest()
         details["install_sql_current"] = recorded == current
         if recorded != current:
@@ -328,9 +340,9 @@ class _Doctor:
         return f"installed: {len(rows)} objects in schema cdc, install.sql current", details
 
     async def _capture_triggers(self) -> Outcome:
-        tracked = {r["table_name"]: r for r in await self._conn.fetch(self._q["tracked_tables"])}
+        tracked = {r["table_name"]: r for r in await self._db.fetch(self._q["tracked_tables"])}
         tables = sorted(set(tracked) | set(DEFAULT_TRACKED))
-        rows = await self._conn.fetch(self._q["capture_triggers"], tables, [_capture_function_name(t) for t in tables])
+        rows = await self._db.fetch(self._q["capture_triggers"], tables, [_capture_function_name(t) for t in tables])
         problems: list[str] = []
         fixes: list[str] = []
         states: dict[str, dict[str, Any]] = {}
@@ -381,7 +393,7 @@ class _Doctor:
         return f"cdc_capture_v1 and cdc_capture_truncate_v1 enabled on {len(tables)} tables", details
 
     async def _notify_queue(self) -> Outcome:
-        usage = float(await self._conn.fetchval(self._q["notify_queue"]))
+        usage = float(await self._db.fetchval(self._q["notify_queue"]))
         details = {"usage": usage}
         summary = f"{usage * 100:.2f}% of the NOTIFY queue in use"
         if usage >= NOTIFY_QUEUE_LIMIT:
@@ -396,7 +408,7 @@ class _Doctor:
     # -- listener -------------------------------------------------------------------------------------------
 
     async def _listener(self) -> Outcome:
-        row = await self._conn.fetchrow(self._q["listener_state"])
+        row = await self._db.fetchrow(self._q["listener_state"])
         if row is None:
             raise _Failed("dashboard.listener_state has no row", _DB_APPLY)
         details = dict(row)
@@ -426,7 +438,7 @@ class _Doctor:
         deadline = time.monotonic() + LEADER_GRACE_SECONDS
         while not row["leader_connected"] and time.monotonic() < deadline:
             await asyncio.sleep(0.2)
-            row = await self._conn.fetchrow(self._q["listener_state"])
+            row = await self._one_row("listener_state")
         details = dict(row)
         if not row["leader_connected"]:
             raise _Failed(
@@ -442,7 +454,7 @@ class _Doctor:
         )
 
     async def _backlog(self) -> Outcome:
-        row = await self._conn.fetchrow(self._q["backlog"])
+        row = await self._one_row("backlog")
         details = dict(row)
         oldest = row["oldest_seconds"]
         summary = f"{row['backlog']} change(s) waiting" + (f", oldest {_seconds(oldest)}" if oldest else "")
@@ -451,7 +463,7 @@ class _Doctor:
         return summary, details
 
     async def _oldest_transaction(self) -> Outcome:
-        row = await self._conn.fetchrow(self._q["oldest_transaction"])
+        row = await self._db.fetchrow(self._q["oldest_transaction"])
         if row is None:
             return "no transaction holds changes open", {}
         details = dict(row)
@@ -468,7 +480,7 @@ class _Doctor:
         return summary, details
 
     async def _events(self) -> Outcome:
-        row = await self._conn.fetchrow(self._q["events"])
+        row = await self._one_row("events")
         details = dict(row)
         retention = self._settings.event_retention_days
         details["retention_days"] = retention
@@ -489,7 +501,7 @@ class _Doctor:
         return summary, details
 
     async def _dead_letters(self) -> Outcome:
-        row = await self._conn.fetchrow(self._q["dead_letters"])
+        row = await self._one_row("dead_letters")
         details = dict(row)
         if row["count"]:
             reason = " ".join(str(row["oldest_reason"]).split())
@@ -557,7 +569,7 @@ class _Doctor:
                 "run doctor with the gateway's environment (CDC_SECRET set as in the gateway's EnvironmentFile)",
             )
         try:
-            return await EndToEndProbe(self._conn, self._gateway, secret).run()
+            return await EndToEndProbe(self._db, self._gateway, secret).run()
         except ProbeFailed as failed:
             raise _Failed(failed.summary, failed.fix, failed.details) from None
 

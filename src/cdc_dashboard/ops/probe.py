@@ -22,6 +22,7 @@ import uuid
 from typing import Any
 
 import aiohttp
+import asyncpg
 
 from ..sqlfiles import queries
 from ..tokens import create_token
@@ -56,7 +57,7 @@ class EndToEndProbe:
 
     `conn` is an asyncpg connection of its own (session-level lock, LISTEN)."""
 
-    def __init__(self, conn: Any, gateway_url: str, secret: str) -> None:
+    def __init__(self, conn: asyncpg.Connection, gateway_url: str, secret: str) -> None:
         self._conn = conn
         self._gateway = gateway_url.rstrip("/")
         self._secret = secret
