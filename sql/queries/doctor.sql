@@ -52,8 +52,9 @@ select pg_notification_queue_usage()::float8 as usage
 select state, node, last_event_id, last_change_id, last_change_at, reconnects, last_error, last_error_at,
        heartbeat_at, started_at, extract(epoch from now() - heartbeat_at)::float8 as heartbeat_age_seconds,
        -- The active listener holds this session lock (listener.sql, try_leadership); standbys wait for it.
+       -- $1: LockKey.LISTENER_LEADERSHIP (src/cdc_dashboard/db/locks.py), a key below 2^32 (classid 0).
        exists (select 1 from pg_locks
-                where locktype = 'advisory' and classid = 0 and objid = 4242000004 and objsubid = 1
+                where locktype = 'advisory' and classid = 0 and objid = $1::bigint::oid and objsubid = 1
                   and granted and database = (select oid from pg_database where datname = current_database()))
            as leader_connected,
        -- The active one and its hot standbys.
@@ -108,10 +109,11 @@ select (select count(*) from dashboard.dead_letters)::bigint as count,
 -- probe_lock --
 -- One probe at a time per database (two doctors run at once take turns). Session-level: doctor connects
 -- directly, never through a transaction-pooling PgBouncer.
-select pg_try_advisory_lock(4242000006)
+-- $1: LockKey.DOCTOR_PROBE (src/cdc_dashboard/db/locks.py).
+select pg_try_advisory_lock($1::bigint)
 
 -- probe_unlock --
-select pg_advisory_unlock(4242000006)
+select pg_advisory_unlock($1::bigint)
 
 -- probe_cleanup --
 -- Whatever an earlier, interrupted probe left: its events, and the business row (cascades to any row a

@@ -4,7 +4,8 @@
 
 -- lock_key --
 -- Serialises everything done about one payment key (a reference, a receipt, an email) until commit.
-select pg_advisory_xact_lock(hashtextextended($1::text, 4242000007))
+-- $2: the seed of these keys, LockKey.INGEST_PAYMENT_KEY (src/cdc_dashboard/db/locks.py).
+select pg_advisory_xact_lock(hashtextextended($1::text, $2::bigint))
 
 -- business_exists --
 select exists (select 1 from businesses where id = $1::uuid)

@@ -2,7 +2,8 @@
 
 -- try_leadership --
 -- Held for the life of the leader's dedicated connection; a standby retries it every second.
-select pg_try_advisory_lock(4242000004)
+-- $1: LockKey.LISTENER_LEADERSHIP (src/cdc_dashboard/db/locks.py).
+select pg_try_advisory_lock($1::bigint)
 
 -- schema_ready --
 -- The objects this version of the listener calls (`db apply` creates them).

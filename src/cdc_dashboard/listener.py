@@ -33,6 +33,7 @@ import asyncpg
 from .config import Settings
 from .db import connect_dedicated
 from .db.backoff import Backoff
+from .db.locks import LockKey
 from .errors import UserError
 from .sqlfiles import queries
 from .systemd import Notifier
@@ -215,7 +216,9 @@ class EnhancedRealtimeManager:
     async def _wait_for_leadership(self, lock_conn: asyncpg.Connection) -> None:
         announced = False
         while not self._stopping.is_set():
-            if await lock_conn.fetchval(self._q["try_leadership"], timeout=self.probe_timeout):
+            if await lock_conn.fetchval(
+                self._q["try_leadership"], LockKey.LISTENER_LEADERSHIP, timeout=self.probe_timeout
+            ):
                 if announced:
                     log.info("standby taking over as the active listener", extra={"node": self.node})
                 return

@@ -16,6 +16,7 @@ import psycopg
 import pytest
 
 from cdc_dashboard.db import with_database
+from cdc_dashboard.db.locks import LockKey
 from cdc_dashboard.ingest.paystack import sign
 
 from ..pg import clone_database, drop_database
@@ -660,7 +661,7 @@ def test_two_payments_of_one_booking_at_once_make_it_paid(server: WebhookServer)
         keys.append(f"client:phone:{phone}")
     with psycopg.connect(server.db_url) as gate, ThreadPoolExecutor(2) as pool:
         for key in keys:  # the same key derivation as sql/queries/ingest.sql lock_key
-            gate.execute("select pg_advisory_xact_lock(hashtextextended(%s, 4242000007))", (key,))
+            gate.execute("select pg_advisory_xact_lock(hashtextextended(%s, %s))", (key, LockKey.INGEST_PAYMENT_KEY))
         futures = [pool.submit(server.mpesa, "stk", body) for body in bodies]
         time.sleep(0.5)
         gate.commit()

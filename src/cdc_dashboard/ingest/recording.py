@@ -29,6 +29,7 @@ from typing import Any, Literal
 import asyncpg
 
 from ..db import AsyncConnection
+from ..db.locks import LockKey
 from ..sqlfiles import queries
 from .mpesa import CURRENCY as MPESA_CURRENCY
 from .mpesa import PROVIDER as MPESA
@@ -93,7 +94,7 @@ async def _in_transaction(
 
 
 async def _lock(conn: AsyncConnection, key: str) -> None:
-    await conn.execute(_q()["lock_key"], key)
+    await conn.execute(_q()["lock_key"], key, LockKey.INGEST_PAYMENT_KEY)
 
 
 async def _client(

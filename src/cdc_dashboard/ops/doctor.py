@@ -30,6 +30,7 @@ import psycopg
 
 from ..config import Settings, signing_secret
 from ..db import describe_url
+from ..db.locks import LockKey
 from ..errors import UserError
 from ..migrations import CAPTURE_VERSION, DEFAULT_TRACKED, schema_files, status
 from ..sqlfiles import queries, sql_dir
@@ -202,9 +203,9 @@ class _Doctor:
         assert self._conn is not None
         return self._conn
 
-    async def _one_row(self, query: str) -> asyncpg.Record:
+    async def _one_row(self, query: str, *args: object) -> asyncpg.Record:
         """The row of a query that always answers one (an aggregate without group by, a row checked before)."""
-        row = await self._db.fetchrow(self._q[query])
+        row = await self._db.fetchrow(self._q[query], *args)
         assert row is not None, query
         return row
 
@@ -408,7 +409,7 @@ class _Doctor:
     # -- listener -------------------------------------------------------------------------------------------
 
     async def _listener(self) -> Outcome:
-        row = await self._db.fetchrow(self._q["listener_state"])
+        row = await self._db.fetchrow(self._q["listener_state"], LockKey.LISTENER_LEADERSHIP)
         if row is None:
             raise _Failed("dashboard.listener_state has no row", _DB_APPLY)
         details = dict(row)
@@ -438,7 +439,7 @@ class _Doctor:
         deadline = time.monotonic() + LEADER_GRACE_SECONDS
         while not row["leader_connected"] and time.monotonic() < deadline:
             await asyncio.sleep(0.2)
-            row = await self._one_row("listener_state")
+            row = await self._one_row("listener_state", LockKey.LISTENER_LEADERSHIP)
         details = dict(row)
         if not row["leader_connected"]:
             raise _Failed(

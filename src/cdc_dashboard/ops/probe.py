@@ -24,6 +24,7 @@ from typing import Any
 import aiohttp
 import asyncpg
 
+from ..db.locks import LockKey
 from ..sqlfiles import queries
 from ..tokens import create_token
 
@@ -66,7 +67,7 @@ class EndToEndProbe:
     async def run(self) -> tuple[str, dict[str, Any]]:
         conn = self._conn
         deadline = time.monotonic() + LOCK_WAIT
-        while not await conn.fetchval(self._q["probe_lock"]):
+        while not await conn.fetchval(self._q["probe_lock"], LockKey.DOCTOR_PROBE):
             if time.monotonic() > deadline:
                 raise ProbeFailed(
                     f"another doctor's probe has held the probe lock for {LOCK_WAIT:.0f} s",
@@ -85,7 +86,7 @@ class EndToEndProbe:
                 await conn.fetchrow(self._q["probe_cleanup"], PROBE_BUSINESS_ID)
         finally:
             with contextlib.suppress(Exception):
-                await conn.fetchval(self._q["probe_unlock"])
+                await conn.fetchval(self._q["probe_unlock"], LockKey.DOCTOR_PROBE)
 
     async def _probe(self, position: int) -> tuple[str, dict[str, Any]]:
         conn = self._conn
