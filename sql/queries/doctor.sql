@@ -30,7 +30,9 @@ select table_name, business_column, id_column, watch_columns from cdc.tracked_ta
 -- capture_triggers --
 -- For each table (schema.table as cdc.tracked_tables spells it): does it exist, and how are its two capture
 -- triggers set. tgenabled: O = enabled, A = always, R = replica only (silent in normal sessions), D = disabled.
+-- The row trigger must call the table's generated function, named by install.sql's cdc.capture_function_name_v1.
 select t.name as table_name,
+       t.expected_function,
        c.oid is not null as table_exists,
        (select tg.tgenabled::text from pg_trigger tg
          where tg.tgrelid = c.oid and tg.tgname = 'cdc_capture_v1') as row_trigger,
@@ -40,7 +42,7 @@ select t.name as table_name,
          where tg.tgrelid = c.oid and tg.tgname = 'cdc_capture_truncate_v1') as truncate_trigger,
        exists (select 1 from pg_proc p join pg_namespace n on n.oid = p.pronamespace
                 where n.nspname = 'cdc' and p.proname = t.expected_function) as function_exists
-  from unnest($1::text[], $2::text[]) as t(name, expected_function)
+  from (select name, cdc.capture_function_name_v1(name) as expected_function from unnest($1::text[]) as name) as t
   left join pg_namespace n on n.nspname = split_part(t.name, '.', 1)
   left join pg_class c on c.relnamespace = n.oid and c.relname = substr(t.name, length(split_part(t.name, '.', 1)) + 2)
  order by t.name

@@ -152,11 +152,6 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def _capture_function_name(table: str) -> str:
-    """The name cdc.capture_function_name_v1 gives a table's generated capture function."""
-    return "capture_" + hashlib.md5(table.encode()).hexdigest()[:16] + "_v1"
-
-
 def _track_sql(table: str, business_column: str, id_column: str, watch: Sequence[str]) -> str:
     columns = "array[" + ", ".join(f"'{c}'" for c in watch) + "]::text[]"
     return (
@@ -343,7 +338,7 @@ class _Doctor:
     async def _capture_triggers(self) -> Outcome:
         tracked = {r["table_name"]: r for r in await self._db.fetch(self._q["tracked_tables"])}
         tables = sorted(set(tracked) | set(DEFAULT_TRACKED))
-        rows = await self._db.fetch(self._q["capture_triggers"], tables, [_capture_function_name(t) for t in tables])
+        rows = await self._db.fetch(self._q["capture_triggers"], tables)
         problems: list[str] = []
         fixes: list[str] = []
         states: dict[str, dict[str, Any]] = {}
@@ -374,7 +369,7 @@ class _Doctor:
                 problems.append(f"{short}: {what}")
                 fixes.append(_DB_APPLY if default else track)
                 continue
-            if row["row_function"] != _capture_function_name(table) or not row["function_exists"]:
+            if row["row_function"] != row["expected_function"] or not row["function_exists"]:
                 problems.append(f"{short}: cdc_capture_v1 does not call its generated capture function")
                 fixes.append(track)
             elif row["row_trigger"] not in ("O", "A"):
