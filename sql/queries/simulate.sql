@@ -7,8 +7,8 @@ select b.id, b.mpesa_shortcode,
        coalesce((select p.currency from payments p where p.business_id = b.id
                  group by p.currency order by count(*) desc limit 1), 'KES') as currency
 from businesses b
--- Never pay doctor's probe business (cdc_dashboard.probe.PROBE_BUSINESS_ID), present while a probe runs.
-where b.id <> '00000000-0000-4000-8000-00000000d0c7'::uuid
+-- Never pay doctor's probe business ($2: cdc_dashboard.ops.probe.PROBE_BUSINESS_ID), present while a probe runs.
+where b.id <> $2::uuid
 order by b.created_at, b.id
 limit $1::int
 

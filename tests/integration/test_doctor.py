@@ -6,8 +6,10 @@ reported with its fix and a non-zero exit, and, where the fix is a command, runn
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import random
 import re
 import signal
 import subprocess
@@ -21,13 +23,14 @@ from pathlib import Path
 from typing import IO, Any
 from urllib.parse import urlsplit, urlunsplit
 
+import asyncpg
 import httpx
 import psycopg
 import pytest
 
 from cdc_dashboard.db import with_database
+from cdc_dashboard.demo.traffic import _businesses
 from cdc_dashboard.ops.probe import PROBE_BUSINESS_ID
-from cdc_dashboard.sqlfiles import queries
 
 from ..pg import clone_database, drop_database
 from ..processes import stop_process
@@ -500,6 +503,20 @@ def test_doctor_finds_the_demo_that_run_is_running_here(tmp_path: Path) -> None:
     assert result.returncode == 1 and "CDC_DATABASE_URL is not set" in result.stdout
 
 
-def test_simulate_never_picks_the_probe_business() -> None:
+def test_simulate_never_picks_the_probe_business(db_url: str) -> None:
     """The probe business exists only while a probe runs; simulate must not pay it in that moment either."""
-    assert f"b.id <> '{PROBE_BUSINESS_ID}'::uuid" in queries("simulate")["businesses"]
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute(
+            "insert into businesses (id, name, created_at) values (%s, 'probe', now() - interval '1 day')",
+            (PROBE_BUSINESS_ID,),
+        )
+        other = conn.execute("insert into businesses (name) values ('a shop') returning id").fetchone()
+
+    async def pick() -> list[uuid.UUID]:
+        pool = await asyncpg.create_pool(db_url, min_size=1, max_size=1)
+        try:
+            return [business.id for business in await _businesses(pool, 1, random.Random(1))]
+        finally:
+            await pool.close()
+
+    assert other is not None and asyncio.run(pick()) == [other[0]]

@@ -9,7 +9,6 @@ import uuid
 from typing import Any
 
 import psycopg
-import pytest
 
 from ..listening import event_rows, payment_ids_in_events, running_listener, wait_for
 
@@ -202,8 +201,7 @@ async def test_burst_of_10000_changes_in_order(db_url: str) -> None:
         assert revenue == (sum(range(1, 10001)),)
 
 
-@pytest.mark.parametrize("rounds", [1])
-async def test_catches_up_what_was_written_while_stopped(db_url: str, rounds: int) -> None:
+async def test_catches_up_what_was_written_while_stopped(db_url: str) -> None:
     with psycopg.connect(db_url, autocommit=True) as conn:
         b = new_business(conn)
         offline = [pay(conn, b) for _ in range(50)]

@@ -34,6 +34,7 @@ from ..errors import UserError
 from ..ingest import mpesa, paystack
 from ..ingest.recording import Recorded, record_c2b, record_paystack_charge, record_paystack_refund, record_stk
 from ..ingest.wire import EAT, BadPayload, load_json
+from ..ops.probe import PROBE_BUSINESS_ID
 from ..sqlfiles import queries
 
 __all__ = ["SimulateOptions", "SimulationThread", "Tally", "run_simulation", "simulate"]
@@ -345,7 +346,10 @@ class _Traffic:
 
 async def _businesses(pool: asyncpg.Pool, count: int, rng: random.Random) -> list[_Business]:
     q = queries("simulate")
-    rows = [(r["id"], r["mpesa_shortcode"], r["currency"]) for r in await pool.fetch(q["businesses"], count)]
+    rows = [
+        (r["id"], r["mpesa_shortcode"], r["currency"])
+        for r in await pool.fetch(q["businesses"], count, PROBE_BUSINESS_ID)
+    ]
     for n in range(len(rows), count):
         shortcode = str(rng.randint(100000, 999999))
         created = await pool.fetchval(q["create_business"], f"Simulated Business {n + 1}", shortcode)
