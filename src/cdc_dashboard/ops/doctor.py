@@ -34,7 +34,7 @@ from ..db.locks import LockKey
 from ..errors import UserError
 from ..migrations import CAPTURE_VERSION, DEFAULT_TRACKED, schema_files, status
 from ..sqlfiles import queries, sql_dir
-from .probe import PROBE_BUSINESS_ID, EndToEndProbe, ProbeFailed
+from .probe import PROBE_BUSINESS_ID, CheckFailed, EndToEndProbe
 
 __all__ = ["PROBE_BUSINESS_ID", "CheckResult", "Report", "diagnose", "run_doctor"]
 
@@ -125,14 +125,6 @@ class Report:
                 "fix the first failure first, then run doctor again"
             )
         return "\n".join(lines)
-
-
-class _Failed(Exception):
-    def __init__(self, summary: str, fix: str, details: dict[str, Any] | None = None) -> None:
-        super().__init__(summary)
-        self.summary = summary
-        self.fix = fix
-        self.details = details or {}
 
 
 Outcome = tuple[str, dict[str, Any]]
@@ -240,7 +232,7 @@ class _Doctor:
         try:
             summary, details = await check()
             return result("pass", summary, None, details)
-        except _Failed as failed:
+        except CheckFailed as failed:
             return result("fail", failed.summary, failed.fix, failed.details)
         except _MISSING_OBJECT_ERRORS as exc:
             schema = self._results.get("schema")
@@ -269,7 +261,7 @@ class _Doctor:
 
     async def _database(self) -> Outcome:
         if not self._url:
-            raise _Failed(
+            raise CheckFailed(
                 "CDC_DATABASE_URL is not set",
                 "set CDC_DATABASE_URL to the application's database (the listener's EnvironmentFile has it)",
             )
@@ -282,7 +274,7 @@ class _Doctor:
             )
         except Exception as exc:
             reason = " ".join(str(exc).split()) or type(exc).__name__
-            raise _Failed(
+            raise CheckFailed(
                 f"cannot connect to {describe_url(self._url)}: {reason}",
                 "start PostgreSQL or correct CDC_DATABASE_URL (host, port, user, password, database)",
             ) from None
@@ -297,17 +289,17 @@ class _Doctor:
         try:
             applied, pending = await asyncio.to_thread(status, self._url)
         except psycopg.errors.InsufficientPrivilege as exc:
-            raise _Failed(f"permission denied: {exc}", _ROLE_FIX) from None
+            raise CheckFailed(f"permission denied: {exc}", _ROLE_FIX) from None
         except (psycopg.Error, UserError) as exc:
-            raise _Failed(f"cannot read the applied migrations: {exc}", _DB_APPLY) from None
+            raise CheckFailed(f"cannot read the applied migrations: {exc}", _DB_APPLY) from None
         known = {p.name for p in schema_files()}
         versions = [m.version for m in applied if m.version != CAPTURE_VERSION]
         details: dict[str, Any] = {"applied": versions, "pending": pending}
         if pending:
-            raise _Failed(f"{len(pending)} migration(s) pending: {', '.join(pending)}", _DB_APPLY, details)
+            raise CheckFailed(f"{len(pending)} migration(s) pending: {', '.join(pending)}", _DB_APPLY, details)
         unknown = [v for v in versions if v not in known]
         if unknown:
-            raise _Failed(
+            raise CheckFailed(
                 f"the database has migrations this installation does not know: {', '.join(unknown)}",
                 "upgrade this installation of cdc-dashboard to the version that applied them",
                 details,
@@ -321,14 +313,14 @@ class _Doctor:
         missing = [r["name"] for r in rows if not r["present"]]
         details: dict[str, Any] = {"objects": [r["name"] for r in rows], "missing": missing}
         if missing:
-            raise _Failed(f"capture is not installed: missing {', '.join(missing)}", _DB_APPLY, details)
+            raise CheckFailed(f"capture is not installed: missing {', '.join(missing)}", _DB_APPLY, details)
         recorded = None
         with contextlib.suppress(*_MISSING_OBJECT_ERRORS):
             recorded = await self._db.fetchval(self._q["capture_recorded_checksum"])
         current = hashlib.sha256((sql_dir() / "triggers" / "install.sql").read_bytes()).hexdigest()
         details["install_sql_current"] = recorded == current
         if recorded != current:
-            raise _Failed(
+            raise CheckFailed(
                 "the installed capture SQL is not this version's sql/triggers/install.sql",
                 f"{_DB_APPLY} (re-runs install.sql; it is idempotent)",
                 details,
@@ -385,7 +377,7 @@ class _Doctor:
                 fixes.append(f"psql: alter table {table} enable trigger cdc_capture_truncate_v1")
         details = {"tables": states}
         if problems:
-            raise _Failed("; ".join(problems), "; ".join(dict.fromkeys(fixes)), details)
+            raise CheckFailed("; ".join(problems), "; ".join(dict.fromkeys(fixes)), details)
         return f"cdc_capture_v1 and cdc_capture_truncate_v1 enabled on {len(tables)} tables", details
 
     async def _notify_queue(self) -> Outcome:
@@ -393,7 +385,7 @@ class _Doctor:
         details = {"usage": usage}
         summary = f"{usage * 100:.2f}% of the NOTIFY queue in use"
         if usage >= NOTIFY_QUEUE_LIMIT:
-            raise _Failed(
+            raise CheckFailed(
                 summary + ": a session that LISTENs is not consuming, and a full queue fails every NOTIFY's commit",
                 "end the session that LISTENs inside a long-open transaction (see oldest_transaction): "
                 "select pg_terminate_backend(PID)",
@@ -406,25 +398,27 @@ class _Doctor:
     async def _listener(self) -> Outcome:
         row = await self._db.fetchrow(self._q["listener_state"], LockKey.LISTENER_LEADERSHIP)
         if row is None:
-            raise _Failed("dashboard.listener_state has no row", _DB_APPLY)
+            raise CheckFailed("dashboard.listener_state has no row", _DB_APPLY)
         details = dict(row)
         age = row["heartbeat_age_seconds"]
         where = f"state {row['state']} on {row['node'] or '?'}"
         errors = f", last error: {row['last_error']}" if row["last_error"] else ""
         if age is None:
-            raise _Failed("the listener has never run against this database", _LISTENER_FIX, details)
+            raise CheckFailed("the listener has never run against this database", _LISTENER_FIX, details)
         if age > HEARTBEAT_STALE_SECONDS:
-            raise _Failed(f"no listener heartbeat for {_seconds(age)} (last {where}{errors})", _LISTENER_FIX, details)
+            raise CheckFailed(
+                f"no listener heartbeat for {_seconds(age)} (last {where}{errors})", _LISTENER_FIX, details
+            )
         if row["state"] == "stopped":
-            raise _Failed(f"the listener stopped {_seconds(age)} ago ({where})", _LISTENER_FIX, details)
+            raise CheckFailed(f"the listener stopped {_seconds(age)} ago ({where})", _LISTENER_FIX, details)
         if row["state"] == "catching_up":
-            raise _Failed(
+            raise CheckFailed(
                 f"the listener is catching up a backlog ({where})",
                 "wait for it to finish (see backlog), then run doctor again",
                 details,
             )
         if row["state"] != "live":
-            raise _Failed(
+            raise CheckFailed(
                 f"the listener is not live ({where}{errors})",
                 "check that the listener's host reaches PostgreSQL: journalctl -u cdc-dashboard-listener",
                 details,
@@ -437,7 +431,7 @@ class _Doctor:
             row = await self._one_row("listener_state", LockKey.LISTENER_LEADERSHIP)
         details = dict(row)
         if not row["leader_connected"]:
-            raise _Failed(
+            raise CheckFailed(
                 f"no listener holds the leadership lock: the one on {row['node'] or '?'} is gone (its heartbeat is "
                 f"{_seconds(age)} old and will go stale)",
                 _LISTENER_FIX,
@@ -455,7 +449,7 @@ class _Doctor:
         oldest = row["oldest_seconds"]
         summary = f"{row['backlog']} change(s) waiting" + (f", oldest {_seconds(oldest)}" if oldest else "")
         if oldest is not None and oldest > BACKLOG_STALE_SECONDS:
-            raise _Failed(summary + ": the listener is not consuming", _LISTENER_FIX, details)
+            raise CheckFailed(summary + ": the listener is not consuming", _LISTENER_FIX, details)
         return summary, details
 
     async def _oldest_transaction(self) -> Outcome:
@@ -468,7 +462,7 @@ class _Doctor:
             f"open for {_seconds(row['age_seconds'])}"
         )
         if row["age_seconds"] > OPEN_TRANSACTION_LIMIT_SECONDS:
-            raise _Failed(
+            raise CheckFailed(
                 summary + ": its changes reach dashboards only at commit, and it keeps vacuum from cleaning the log",
                 f"commit or roll it back in its application; if it is stuck: select pg_terminate_backend({row['pid']})",
                 details,
@@ -489,7 +483,7 @@ class _Doctor:
         # A day of slack: pruning runs every minute while the listener is quiet, and its own
         # CDC_EVENT_RETENTION_DAYS may differ from this shell's.
         if row["oldest_age_seconds"] > (retention + 1) * 86400:
-            raise _Failed(
+            raise CheckFailed(
                 summary + f": the oldest is {_seconds(row['oldest_age_seconds'])} old, pruning is not keeping up",
                 "the listener prunes while quiet: check it is live and has the same CDC_EVENT_RETENTION_DAYS",
                 details,
@@ -501,7 +495,7 @@ class _Doctor:
         details = dict(row)
         if row["count"]:
             reason = " ".join(str(row["oldest_reason"]).split())
-            raise _Failed(
+            raise CheckFailed(
                 f"{row['count']} change(s) could not become events and wait in dashboard.dead_letters; oldest "
                 f"{_seconds(row['oldest_age_seconds'])} ago (id {row['oldest_id']}, {row['oldest_op']} on "
                 f"{row['oldest_table']}: {reason})",
@@ -524,7 +518,7 @@ class _Doctor:
                 code = response.status
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
             reason = " ".join(str(exc).split()) or type(exc).__name__
-            raise _Failed(
+            raise CheckFailed(
                 f"no gateway answers at {self._gateway}: {reason}",
                 "start the gateway: systemctl start cdc-dashboard-gateway (or pass --url with its address)",
             ) from None
@@ -534,7 +528,7 @@ class _Doctor:
             body = None
         checks = body.get("checks") if isinstance(body, dict) else None
         if not isinstance(checks, dict):
-            raise _Failed(
+            raise CheckFailed(
                 f"{url} answered {code} but is not a cdc-dashboard gateway",
                 "pass --url with the gateway's own address (http://HOST:PORT)",
             )
@@ -549,7 +543,7 @@ class _Doctor:
             "not_draining": "it is shutting down: wait for systemd to restart it, or start it",
             "listener": "its in-process listener is not ready: read /v1/status (embedded_listener.last_error)",
         }
-        raise _Failed(
+        raise CheckFailed(
             f"not ready ({code}): {', '.join(failing) or 'unknown'} failing",
             "; ".join(fixes.get(k, f"{k} is failing") for k in failing) or "read GET /readyz",
             details,
@@ -560,14 +554,11 @@ class _Doctor:
     async def _end_to_end(self) -> Outcome:
         secret = signing_secret(self._settings)
         if not secret:
-            raise _Failed(
+            raise CheckFailed(
                 "no CDC_SECRET: the probe signs its stream token with the gateway's secret",
                 "run doctor with the gateway's environment (CDC_SECRET set as in the gateway's EnvironmentFile)",
             )
-        try:
-            return await EndToEndProbe(self._db, self._gateway, secret).run()
-        except ProbeFailed as failed:
-            raise _Failed(failed.summary, failed.fix, failed.details) from None
+        return await EndToEndProbe(self._db, self._gateway, secret).run()
 
 
 _ENABLED = {"D": "disabled", "R": "replica only", "O": "enabled", "A": "always"}

@@ -28,7 +28,7 @@ from ..db.locks import LockKey
 from ..sqlfiles import queries
 from ..tokens import create_token
 
-__all__ = ["PROBE_BUSINESS_ID", "EndToEndProbe", "ProbeFailed"]
+__all__ = ["PROBE_BUSINESS_ID", "CheckFailed", "EndToEndProbe"]
 
 # A fixed, recognisable id: a leftover (a doctor killed mid-probe) is found and removed by the next run, and an
 # operator who sees it knows what it is.
@@ -43,8 +43,9 @@ _LISTENER_FIX = (
 )
 
 
-class ProbeFailed(Exception):
-    """A hop failed: what happened, the one thing to do, and what was measured so far."""
+class CheckFailed(Exception):
+    """A doctor check (the probe's hops among them) failed: what happened, the one thing to do, and what was
+    measured so far."""
 
     def __init__(self, summary: str, fix: str, details: dict[str, Any] | None = None) -> None:
         super().__init__(summary)
@@ -54,7 +55,7 @@ class ProbeFailed(Exception):
 
 
 class EndToEndProbe:
-    """`await EndToEndProbe(conn, gateway_url, secret).run()` -> (summary, details); raises ProbeFailed.
+    """`await EndToEndProbe(conn, gateway_url, secret).run()` -> (summary, details); raises CheckFailed.
 
     `conn` is an asyncpg connection of its own (session-level lock, LISTEN)."""
 
@@ -69,7 +70,7 @@ class EndToEndProbe:
         deadline = time.monotonic() + LOCK_WAIT
         while not await conn.fetchval(self._q["probe_lock"], LockKey.DOCTOR_PROBE):
             if time.monotonic() > deadline:
-                raise ProbeFailed(
+                raise CheckFailed(
                     f"another doctor's probe has held the probe lock for {LOCK_WAIT:.0f} s",
                     "wait for the other doctor to finish, then run doctor again",
                 )
@@ -110,17 +111,17 @@ class EndToEndProbe:
                         stream_url, headers={"Authorization": f"Bearer {token}", "Accept": "text/event-stream"}
                     )
             except (aiohttp.ClientError, TimeoutError) as exc:
-                raise ProbeFailed(
+                raise CheckFailed(
                     f"cannot open the probe's event stream at {stream_url}: {exc}", "see the gateway check"
                 ) from None
             async with response:
                 if response.status == 401:
-                    raise ProbeFailed(
+                    raise CheckFailed(
                         f"the gateway refused the probe's token ({(await response.text()).strip()[:200]})",
                         "give doctor the gateway's CDC_SECRET (the same EnvironmentFile)",
                     )
                 if response.status != 200:
-                    raise ProbeFailed(
+                    raise CheckFailed(
                         f"the event stream answered {response.status}: {(await response.text()).strip()[:200]}",
                         "read GET /v1/status with an admin token (cdc-dashboard token --admin)",
                     )
@@ -156,7 +157,7 @@ class EndToEndProbe:
         hops["capture_ms"] = (committed - started) * 1000
         details["hops"] = hops
         if captured < 2:
-            raise ProbeFailed(
+            raise CheckFailed(
                 f"the capture trigger recorded {captured} of the probe's 2 changes on {PROBE_TABLE}",
                 "see the capture_triggers check; then run cdc-dashboard db apply",
                 details,
@@ -178,12 +179,12 @@ class EndToEndProbe:
             if remaining <= 0:
                 pending = await conn.fetchval(q["probe_pending"], position, PROBE_BUSINESS_ID)
                 if pending:
-                    raise ProbeFailed(
+                    raise CheckFailed(
                         f"the listener did not consume the probe's changes within {LISTENER_TIMEOUT:.0f} s",
                         _LISTENER_FIX,
                         details,
                     )
-                raise ProbeFailed(
+                raise CheckFailed(
                     "the listener consumed the probe's changes but appended no event for them",
                     "inspect dashboard.dead_letters and the listener's log (journalctl -u cdc-dashboard-listener)",
                     details,
@@ -199,7 +200,7 @@ class EndToEndProbe:
         except TimeoutError:
             arrived = None
         if arrived is None:
-            raise ProbeFailed(
+            raise CheckFailed(
                 f"event {event_id} was committed but did not arrive on the gateway's stream within "
                 f"{GATEWAY_TIMEOUT:.0f} s",
                 "check that --url's gateway uses this database, then read gateway in its GET /v1/status (admin "
