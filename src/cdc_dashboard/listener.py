@@ -244,7 +244,7 @@ class EnhancedRealtimeManager:
                 if self.linger_from <= consumed < self.batch_size and self._linger:
                     # Under load (a batch found many changes) but not saturated: let more gather, so a stream of
                     # single-row writes becomes fewer, larger batches. A batch has a fixed cost (a commit, the
-                    # statement's set-up: about 2 ms here), and the listener shares the cores with the writers.
+                    # statement's set-up), and the listener shares the cores with the writers.
                     # The wait grows with the load, up to CDC_LISTENER_LINGER_MS: at a trickle (small batches)
                     # nothing waits, since latency matters more than throughput there.
                     await self._interruptible_sleep(min(self._linger, consumed * self.linger_per_change))

@@ -26,9 +26,8 @@ from .reads import stats
 __all__ = ["RebuildReport", "figure_differences", "plan_chunks", "rebuild", "rebuild_lines", "refresh", "run_rebuild"]
 
 # A rebuild's chunk: at most this many businesses and (unless one business alone has more) this many rows
-# (payments plus bookings), in one transaction. Large enough that per-chunk costs vanish (1M payments: 20k- and
-# 50k-row chunks took the same time), small enough that the listener, which waits for a chunk's lock, waits
-# under a second when the rebuild has everything to build (docs/BENCHMARKS.md, "Aggregates rebuild").
+# (payments plus bookings), in one transaction. Large enough that what a chunk costs beyond its rows vanishes,
+# small enough that the listener, which waits for a chunk's lock, waits under a second.
 REBUILD_CHUNK_BUSINESSES = 1000
 REBUILD_CHUNK_ROWS = 20_000
 # A progress line at least this often while a rebuild runs (also while one long chunk runs).

@@ -2,9 +2,9 @@
 
 Why not sse-starlette's `EventSourceResponse` (we still use its `ServerSentEvent` for every frame we send):
 it runs a task group of four tasks per response (sender, pinger, shutdown watcher, disconnect listener) and an
-anyio cancel scope around every send. A gateway holds one response per open dashboard, 10,000 and more: those
-tasks were most of what a connection cost in memory, and the cancel scopes a large share of the CPU of every
-delivery (measured in docs/BENCHMARKS.md, "Gateway fan-out"). What we used of it is here, and nothing else:
+anyio cancel scope around every send. A gateway holds one response per open dashboard, thousands of them:
+those tasks would be most of what a connection costs in memory, and the cancel scopes a large share of the CPU
+of every delivery. What we used of it is here, and nothing else:
 
 - The body is an async generator of ready SSE frames (streams.py: heartbeats, token expiry and the SIGTERM
   drain come from its own wait, so they need no task either). It runs in the task uvicorn gave the request.

@@ -1,18 +1,15 @@
 """Keep Python's cyclic garbage collector off the broadcast path.
 
-A gateway holds about 120 objects the collector tracks per open stream (uvicorn's protocol, the request, the
-response, its tasks...): 1.25 million at 10,000 streams. They live as long as their connection, yet the
-collector walks them again and again. Measured with 10,000 streams (docs/BENCHMARKS.md, "Gateway fan-out"): a
-full pass took 0.5 s of CPU and came every few broadcasts (each broadcast leaves objects that survive long
-enough to be promoted), and the young collections during a broadcast took more CPU than the broadcast's own
-work. A broadcast that met a full pass reached its last dashboards over a second late.
+A gateway holds a hundred-odd objects the collector tracks per open stream (uvicorn's protocol, the request,
+the response, its tasks...), so millions with many streams open. They live as long as their connection, yet the
+collector walks them again and again: each broadcast leaves objects that survive long enough to be promoted, so
+full passes come every few broadcasts, and a broadcast that meets one reaches its last dashboards late.
 
 So, every second, `gc.freeze()` moves every object then alive into the collector's permanent generation, which
 collections skip: young collections stay young, and full passes walk only what is new. Freezing is a list
 splice, not a walk. Frozen objects are still freed by reference counting the moment nothing refers to them;
 only garbage caught in a reference cycle waits, until `collect_every` seconds have passed: then everything is
-unfrozen and one full pass collects it (one pause of ~0.5 s per 10 minutes at 10,000 streams, instead of one
-every few broadcasts).
+unfrozen and one full pass collects it (one pause per `collect_every`, instead of one every few broadcasts).
 """
 
 from __future__ import annotations

@@ -169,7 +169,7 @@ async def stream_events(request: Request) -> Response:
     # everything after `start`.
     recent = hub.recent_after(business_id, last_id) if last_id is not None else None
     # Heartbeats, expiry and the SIGTERM drain come from the body's own wait (above), not from tasks per
-    # connection: those cost memory and CPU at 10,000 connections (docs/BENCHMARKS.md).
+    # connection: a task per connection costs memory and CPU that every open dashboard multiplies.
     body = _events(request, sub, claims, last_id, start, recent)
     return EventStreamResponse(body, sub, on_end=lambda: hub.unsubscribe(sub), headers=SSE_HEADERS)
 

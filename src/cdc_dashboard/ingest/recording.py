@@ -105,7 +105,8 @@ async def _client(
     By email (Paystack, case-insensitive), else by phone when it is a full number: both name one person,
     whichever business they pay. A masked or hashed MSISDN (C2B) is shared by thousands of people: it matches
     only a client who already paid this business with the same number and the same name, and with no name to
-    compare it matches nobody (issue 14: Bob paying B showed on B's dashboard as John, A's customer).
+    compare it matches nobody (else one business's payer would show on another's dashboard under a stranger's
+    name).
     """
     q = _q()
     if email:
