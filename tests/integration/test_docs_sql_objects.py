@@ -15,7 +15,7 @@ from typing import Any
 import psycopg
 
 ROOT = Path(__file__).resolve().parents[2]
-DOCS = sorted((ROOT / "docs").glob("*.md")) + [ROOT / "README.md"]
+DOCS = [*sorted((ROOT / "docs").glob("*.md")), ROOT / "README.md"]
 
 # `schema.name` in the product's two schemas (`cdc_dashboard.x`, the Python package, does not match).
 QUALIFIED = re.compile(r"\b(dashboard|cdc)\.([a-z_][a-z0-9_]*)")
