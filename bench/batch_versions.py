@@ -1,4 +1,4 @@
-"""The listener's batch before and after sql/schema/0010, on the same backlog, alternating.
+"""The listener's batch before and after migration 0010 (sql/schema/migrations/), on the same backlog, alternating.
 
     .venv/bin/python bench/batch_versions.py [--changes 400] [--rounds 5] [--batches 40]
 

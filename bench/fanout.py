@@ -97,8 +97,8 @@ async def _client(port: int, business: str, token: str, count: int, broadcasts: 
 
     for start in range(0, count, 250):
         await asyncio.gather(*(connect() for _ in range(min(250, count - start))))
-    # The client's own garbage collector walked its 10,000 connections' objects in passes of ~0.2 s that landed
-    # in broadcasts and counted as gateway latency; they live until the end, so take them out of its walks.
+    # The client's own garbage collector would walk every connection's objects in full passes that land in
+    # broadcasts and count as gateway latency; they live until the end, so take them out of its walks.
     gc.freeze()
     print(json.dumps({"connected": len(readers), "failures": failures}), flush=True)
 
