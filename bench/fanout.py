@@ -7,8 +7,9 @@ applies the schema and starts `cdc-dashboard serve` (one process). Separate clie
 open the connections, all to one business's stream (the worst case: every event reaches every stream), with
 raw asyncio sockets so the client's own cost stays small. The gateway's RSS is read from /proc before and after
 the connections open. Then `--broadcasts` events are appended `--interval` seconds apart through
-`dashboard.append_events_v1` (what the listener does), each carrying its wall-clock append time; every client
-notes when each event arrived. Latency = arrival - append (same host, same clock), over all connections.
+`dashboard.append_events_v1` (under the events lock, as the listener appends), each carrying its wall-clock
+append time; every client notes when each event arrived. Latency = arrival - append (same host, same clock),
+over all connections.
 
 The gateway's CPU time per broadcast (from /proc, idle heartbeat time subtracted) is reported too: unlike the
 latency it does not depend on what else the machine is doing.
