@@ -195,8 +195,6 @@ select i as id,
 -- rollup (none when all was exact). Index-driven, so a chunk costs its own rows whatever was built before.
 select business_id, rollup, rows_repaired from dashboard.rebuild_aggregates_v4($1::uuid[])
 
--- apply_changes --
-select dashboard.apply_changes_v2($1::text[], $2::text[])
-
--- append_events --
-select dashboard.append_events_v1($1::text[], $2::text[], $3::jsonb[])
+-- append_refresh_events --
+-- $1 business ids (text). One `invalidate` per business, its payload built as the listener builds its own.
+select dashboard.append_refresh_events_v1($1::text[])

@@ -23,7 +23,6 @@ from zoneinfo import ZoneInfo
 
 import asyncpg
 
-from .events import manual_refresh_payload
 from .sqlfiles import queries
 
 __all__ = [
@@ -375,10 +374,7 @@ async def _rebuild_in_transaction(conn: asyncpg.Connection, ids: list[uuid.UUID]
             extra.append(business)
         per_business = report.repaired.setdefault(business, {})
         per_business[r["rollup"]] = per_business.get(r["rollup"], 0) + r["rows_repaired"]
-    committed_at = datetime.now(UTC).isoformat()
-    targets = [str(b) for b in ids] + extra
-    payloads = [json.dumps(manual_refresh_payload(b, committed_at)) for b in targets]
-    event_ids = await conn.fetchval(q["append_events"], targets, ["invalidate"] * len(targets), payloads)
+    event_ids = await conn.fetchval(q["append_refresh_events"], [str(b) for b in ids] + extra)
     report.event_ids.extend(event_ids)
     report.businesses += len(ids)
 
