@@ -40,7 +40,7 @@ def apply_through_0009(url: str) -> object:
     every = migrations.schema_files
     migrations.schema_files = lambda: [p for p in every() if p.name < "0010"]
     try:
-        return migrations.apply(url)
+        return migrations.apply(url, baseline=False)
     finally:
         migrations.schema_files = every
 
