@@ -501,7 +501,7 @@ async def rebuild(
 
     The businesses are taken in id order, in chunks of at most `chunk_businesses` businesses and `chunk_rows`
     payments and bookings; each chunk is one transaction that reads just its businesses' rows through their
-    indexes (sql/schema/0012), so a rebuild costs what the ledger's rows cost. A chunk that committed stays
+    indexes (sql/schema/30_aggregates.sql), so a rebuild costs what the ledger's rows cost. A chunk that committed stays
     rebuilt if a later one fails: run it again. `progress` receives a line at the start, at least every
     `progress_seconds`, and at the end. Unknown ids are rebuilt too (to nothing); a business created while
     the rebuild runs is not (the listener builds it)."""

@@ -99,7 +99,9 @@ def apply(url: str, *, baseline: bool = True) -> list[str]:
                 concepts = concept_files()
                 _run_files(conn, concepts, {p.name: p for p in migrations}, "the schema (sql/schema/*.sql)")
                 done.append(f"created the schema ({', '.join(p.name for p in concepts)})")
-                done.append(f"recorded {len(migrations)} migrations as applied (baseline, newest {migrations[-1].name})")
+                done.append(
+                    f"recorded {len(migrations)} migrations as applied (baseline, newest {migrations[-1].name})"
+                )
                 applied = _applied(conn)
             for path in migrations:
                 known = applied.get(path.name)
