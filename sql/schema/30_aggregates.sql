@@ -186,7 +186,7 @@ begin
 end $$;
 
 -- The same for bookings: counts by (status, payment_status).
-create or replace function dashboard.sync_bookings_v2(ids uuid[]) returns void
+create function dashboard.sync_bookings_v2(ids uuid[]) returns void
 language plpgsql
 set plan_cache_mode = force_generic_plan
 as $$
