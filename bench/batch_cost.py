@@ -6,9 +6,9 @@ The throughput ratios (bench/capture_overhead.py, bench/listener_parts.py) swing
 this shared machine; a change to the batch worth a few percent of the listener's cost cannot be seen in them.
 Here nothing else runs: a scratch database with 20,000 payments over 1,000 businesses, consumed (facts,
 aggregates and events in place), then a backlog of `--changes` new completed payments. One connection runs
-the listener's batch (`dashboard.consume_changes_v1`, as the listener calls it) on that backlog and rolls it
+the listener's batch (`dashboard.consume_changes_v2`, as the listener calls it) on that backlog and rolls it
 back, `--batches` times, for each variant of bench/listener_parts.py in turn (the rewritten
-`consume_changes_body_v1`) and one more, `no_toasts` (events without the payments list for toasts), with a
+`consume_changes_body_v2`) and one more, `no_toasts` (events without the payments list for toasts), with a
 vacuum of the tables the batch writes before each variant. Prints per variant the median over rounds of the
 20th-percentile batch (a batch that a checkpoint or a neighbour's process slowed down says nothing about the
 batch), in ms and µs per change, and the median over rounds of its time over the full batch's in that round.
@@ -44,7 +44,7 @@ select ('00000000-0000-0000-0000-' || lpad((1 + floor(random() * {businesses})):
        100 + n, 'KES', 'mpesa', 'completed'
   from generate_series(1, {n}) as n
 """
-BATCH = "select * from dashboard.consume_changes_v1(5000, 'live', 0)"
+BATCH = "select * from dashboard.consume_changes_v2(5000, 'live', 0)"
 # Every rolled-back batch leaves dead rows, which would bring autovacuum and autoanalyze in the middle of a
 # measurement (new statistics, new plans): the benchmarks that roll batches back vacuum between cases themselves.
 AUTOVACUUM_OFF = (

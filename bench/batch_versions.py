@@ -1,4 +1,4 @@
-"""The listener's batch before and after sql/schema/0010, on the same backlog, alternating.
+"""The listener's batch before and after migration 0010 (sql/schema/migrations/), on the same backlog, alternating.
 
     .venv/bin/python bench/batch_versions.py [--changes 400] [--rounds 5] [--batches 40]
 
@@ -40,7 +40,7 @@ def apply_through_0009(url: str) -> object:
     every = migrations.schema_files
     migrations.schema_files = lambda: [p for p in every() if p.name < "0010"]
     try:
-        return migrations.apply(url)
+        return migrations.apply(url, baseline=False)
     finally:
         migrations.schema_files = every
 

@@ -7,8 +7,9 @@ applies the schema and starts `cdc-dashboard serve` (one process). Separate clie
 open the connections, all to one business's stream (the worst case: every event reaches every stream), with
 raw asyncio sockets so the client's own cost stays small. The gateway's RSS is read from /proc before and after
 the connections open. Then `--broadcasts` events are appended `--interval` seconds apart through
-`dashboard.append_events_v1` (what the listener does), each carrying its wall-clock append time; every client
-notes when each event arrived. Latency = arrival - append (same host, same clock), over all connections.
+`dashboard.append_events_v1` (under the events lock, as the listener appends), each carrying its wall-clock
+append time; every client notes when each event arrived. Latency = arrival - append (same host, same clock),
+over all connections.
 
 The gateway's CPU time per broadcast (from /proc, idle heartbeat time subtracted) is reported too: unlike the
 latency it does not depend on what else the machine is doing.
@@ -97,8 +98,8 @@ async def _client(port: int, business: str, token: str, count: int, broadcasts: 
 
     for start in range(0, count, 250):
         await asyncio.gather(*(connect() for _ in range(min(250, count - start))))
-    # The client's own garbage collector walked its 10,000 connections' objects in passes of ~0.2 s that landed
-    # in broadcasts and counted as gateway latency; they live until the end, so take them out of its walks.
+    # The client's own garbage collector would walk every connection's objects in full passes that land in
+    # broadcasts and count as gateway latency; they live until the end, so take them out of its walks.
     gc.freeze()
     print(json.dumps({"connected": len(readers), "failures": failures}), flush=True)
 

@@ -9,8 +9,8 @@ rebuild of `aggregates rebuild`). Then:
 
 1. stats query: the `stats` statement alone over asyncpg, one connection, random businesses (and the large one);
 2. stats endpoint: `cdc-dashboard serve` in its own process, `--concurrency` aiohttp clients, random businesses;
-3. maintenance: `dashboard.apply_changes_v2` (what the listener should call per batch) for batches of status
-   flips, and the `rebuild` query (manual refresh / `aggregates rebuild`) per business;
+3. maintenance: `dashboard.sync_payments_v3` (what the listener's batch calls for the payments it consumed) for
+   batches of status flips, and the `rebuild` query (manual refresh / `aggregates rebuild`) per business;
    each measured inside a transaction that is rolled back, so every round sees the same history.
 
 The scratch database is dropped at the end unless `--keep`; `--database NAME` reuses a loaded one.
@@ -49,6 +49,8 @@ FLIP = """
 update payments set status = case when status = 'completed' then 'refunded' else 'completed' end
  where id = any($1::uuid[])
 """
+# What the listener's batch calls for the payments it consumed (sql/schema/30_aggregates.sql).
+SYNC_PAYMENTS = "select dashboard.sync_payments_v3($1::uuid[])"
 SAMPLE_PAYMENTS = "select id from payments where business_id = any($1::uuid[]) order by random() limit $2"
 
 
@@ -195,13 +197,11 @@ async def bench_maintenance(url: str) -> None:
                 try:
                     await conn.execute(FLIP, payments)
                     t = time.perf_counter()
-                    await conn.execute(
-                        q["apply_changes"], ["public.payments"] * len(payments), [str(p) for p in payments]
-                    )
+                    await conn.execute(SYNC_PAYMENTS, payments)
                     ms.append((time.perf_counter() - t) * 1000)
                 finally:
                     await tr.rollback()
-            label = f"apply_changes_v2, batch of {size} payment changes" + (
+            label = f"sync_payments_v3, batch of {size} payment changes" + (
                 " incl. the 100k business" if with_whale else ""
             )
             print(summary(label, ms[3:]), flush=True)

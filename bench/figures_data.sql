@@ -1,4 +1,4 @@
--- Benchmark history for the figures: 1M payments over 10k businesses, loaded straight into a scratch database
+-- A payment history for the figures benchmarks: 1M payments over 10k businesses, loaded straight into a scratch database
 -- that already has the schema (bench/figures.py creates it, applies the schema and drops it afterwards).
 --
 -- The distribution is skewed on purpose: business #1 holds 10% of all payments (a chain with 100k payments),

@@ -4,10 +4,10 @@
 
 bench/capture_overhead.py's live mode (pgbench, 8 writers, tracked `payments` vs the untracked copy, listener
 running) measures the listener's whole cost. Here the one scratch database and the one listener run with
-variants of the batch function (`dashboard.consume_changes_body_v1`, rewritten in the scratch database from its
+variants of the batch function (`dashboard.consume_changes_body_v2`, rewritten in the scratch database from its
 installed source, as bench/trigger_variants.py does with the capture function):
   full           the batch as installed;
-  no_aggregates  without bringing the aggregates up to date (sync_payments_v2, sync_bookings_v2);
+  no_aggregates  without bringing the aggregates up to date (sync_payments_v3, sync_bookings_v2);
   no_events      without grouping the changes into events and appending them;
   consume_only   neither: take the changes off the log and record progress.
 Every round runs each variant's tracked side next to an untracked run of its own (so that both tables grow
@@ -34,9 +34,9 @@ import psycopg
 from capture_overhead import BUSINESSES, SETUP, pgbench
 from scratch import backlog, scratch_database, wait_drained
 
-BATCH_FUNCTION = "dashboard.consume_changes_body_v1(integer, text, bigint, boolean)"
+BATCH_FUNCTION = "dashboard.consume_changes_body_v2(integer, text, bigint, boolean)"
 SKIP_AGGREGATES = [
-    ("perform dashboard.sync_payments_v2(pay_ids);", "null;"),
+    ("perform dashboard.sync_payments_v3(pay_ids);", "null;"),
     ("perform dashboard.sync_bookings_v2(booking_ids);", "null;"),
 ]
 # The grouping statement starts at its comment and ends with `from planned;`; without it no event is appended.

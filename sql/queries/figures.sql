@@ -12,7 +12,7 @@ with b as (
       from businesses where id = $1
 ), rev as (
     select r.currency,
-           -- numeric: exact for any sum (sql/schema/0010)
+           -- numeric: exact for any sum
            sum(r.revenue_minor) as total_minor,
            coalesce(sum(r.revenue_minor) filter (where r.day = b.today), 0) as today_minor,
            coalesce(sum(r.revenue_minor) filter (
@@ -192,11 +192,9 @@ select i as id,
 
 -- rebuild --
 -- Recompute these businesses (one chunk) from the base tables; the rows it had to repair, per business and
--- rollup (none when all was exact). v4 (sql/schema/0012): index-driven per chunk, whatever was built before.
+-- rollup (none when all was exact). Index-driven, so a chunk costs its own rows whatever was built before.
 select business_id, rollup, rows_repaired from dashboard.rebuild_aggregates_v4($1::uuid[])
 
--- apply_changes --
-select dashboard.apply_changes_v2($1::text[], $2::text[])
-
--- append_events --
-select dashboard.append_events_v1($1::text[], $2::text[], $3::jsonb[])
+-- append_refresh_events --
+-- $1 business ids (text). One `invalidate` per business, its payload built as the listener builds its own.
+select dashboard.append_refresh_events_v1($1::text[])

@@ -1,5 +1,5 @@
 -- Queries of the SSE gateway (`cdc_dashboard.gateway`). Events are read by id: ids are committed in id order
--- (append_events_v1 serialises appenders), so "id > position" never skips a late commit.
+-- (every appender takes the events lock before drawing ids), so "id > position" never skips a late commit.
 
 -- hub_position --
 -- Where a starting gateway begins: the newest event, even when pruning emptied the table.

@@ -15,8 +15,8 @@ select count(pg_terminate_backend(pid)) from pg_stat_activity
  where pid = any($1::int[]) and application_name like 'cdc-dashboard listener%'
 
 -- consume_batch --
--- The whole batch in one statement, and so one transaction in autocommit (sql/schema/0007_listener_batch.sql);
--- a change that cannot be processed is set aside in dashboard.dead_letters (sql/schema/0010).
+-- The whole batch in one statement, and so one transaction in autocommit (the listener batch in sql/schema/);
+-- a change that cannot be processed is set aside in dashboard.dead_letters.
 select consumed, last_change_id, events_appended, last_event_id, dead_letters
   from dashboard.consume_changes_v2($1, $2, $3)
 

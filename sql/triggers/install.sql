@@ -40,17 +40,13 @@ create table if not exists cdc.tracked_tables (
 -- The listener's sleep announcement: the Unix time (seconds) until which it sleeps; 0 (or never set) when it is
 -- awake. Writers NOTIFY only while that time is in the future; the listener renews it while it waits, so a
 -- crashed listener stops costing writers within a minute. A sequence rather than a table row, for two reasons:
--- writers read it with a plain function call (the query on a table row that did this before cost each writing
--- transaction about 25 us of CPU, measured: tens of percent of the capture's cost), and setval is visible at
--- once to every transaction, a REPEATABLE READ writer whose snapshot predates it included.
+-- writers read it with a plain function call, where a query on a table row would cost every writing
+-- transaction a large share of what the whole capture costs it; and setval is visible at once to every
+-- transaction, a REPEATABLE READ writer whose snapshot predates it included.
 create sequence if not exists cdc.sleeping_until_v1 minvalue 0 start 0;
 
--- Before cdc.sleeping_until_v1 (kept so that a listener of that version, during a rolling upgrade, still runs:
--- nothing reads it now).
-create table if not exists cdc.wake_state (
-    singleton      boolean primary key default true check (singleton),
-    sleeping_until timestamptz
-);
+-- The table-row announcement that cdc.sleeping_until_v1 replaced: nothing reads it any more.
+drop table if exists cdc.wake_state;
 
 -- Wake the listener if it sleeps (NOTIFY is only delivered at commit, and a transaction's identical NOTIFYs
 -- are delivered once).
@@ -58,8 +54,7 @@ create table if not exists cdc.wake_state (
 -- The race where a writer reads "awake" just before the listener announces sleep is closed on the listener's
 -- side, at no cost to writers: every transaction that wrote to cdc.change_log holds RowExclusiveLock on it
 -- until it ends, and the listener sleeps untimed only once pg_locks shows no such transaction but its own.
--- (A shared advisory lock taken by every writer did the same job but cost writers ~10% of their throughput:
--- all of them contend for one lock-table entry.)
+-- (Not a shared advisory lock taken by every writer: all of them would contend for one lock-table entry.)
 create or replace function cdc.wake_v1() returns void
 language plpgsql as $$
 begin

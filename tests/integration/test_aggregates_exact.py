@@ -43,7 +43,7 @@ CLIENTS = [uuid.UUID(f"00000000-0000-4000-9000-00000000000{i}") for i in range(4
 STATUSES = ["pending", "completed", "failed", "refunded"]
 BOOKING_STATUSES = ["pending", "confirmed", "completed", "cancelled", "no_show"]
 PAYMENT_STATUSES = ["unpaid", "pending", "partially_paid", "paid", "refunded"]
-AMOUNT_BOUND = 10**12  # payments.amount_minor's upper bound (sql/schema/0010)
+AMOUNT_BOUND = 10**12  # payments.amount_minor's upper bound (sql/schema/10_base_tables.sql)
 
 
 def _anchors() -> list[datetime]:

@@ -34,12 +34,15 @@ STATS_KEYS = [
 
 
 def sync(db_url: str) -> None:
-    """Consume the change log into the aggregates, as the listener does (without it running)."""
-    with psycopg.connect(db_url, autocommit=True) as conn, conn.transaction():
-        rows = conn.execute("delete from cdc.change_log returning table_name, row_id").fetchall()
-        conn.execute(
-            "select dashboard.apply_changes_v2(%s::text[], %s::text[])", ([r[0] for r in rows], [r[1] for r in rows])
-        )
+    """Consume the change log as the listener does, with its batch (without the listener running)."""
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        while True:
+            row = conn.execute(
+                "select consumed, dead_letters from dashboard.consume_changes_v2(1000, 'live', 0)"
+            ).fetchone()
+            assert row is not None and row[1] == [], row
+            if row[0] == 0:
+                return
 
 
 def pay(
@@ -340,6 +343,46 @@ async def test_refresh_repairs_reports_and_emits(
     ) as r:
         again = await r.json()
     assert (again["repaired"], again["differences"]) == (False, {})
+
+
+async def test_refresh_event_has_the_listener_events_shape(
+    db_url: str, shop: dict[str, str], api: tuple[str, aiohttp.ClientSession]
+) -> None:
+    """A refresh's payload is put together by the same SQL as the listener's: the same keys in the same order, the
+    same query keys, the same formats (compact JSON text), plus its `reason` last."""
+    b = shop["business"]
+    base, session = api
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        # (the shop's payments and bookings, consumed by the listener's batch in `shop`)
+        row = conn.execute(
+            "select payload::text from dashboard.events where business_id = %s and kind = 'invalidate'"
+            " order by id desc limit 1",
+            (b,),
+        ).fetchone()
+    assert row is not None
+    listener_text: str = row[0]
+    listener = json.loads(listener_text)  # (dicts keep the text's key order)
+    # The listener's text is compact JSON in its own key order: what json.dumps of the ordered pairs gives.
+    assert json.dumps(listener, separators=(",", ":")) == listener_text
+    async with session.post(
+        f"{base}/v1/businesses/{b}/refresh", headers={"Authorization": f"Bearer {token_for(b)}"}
+    ) as r:
+        assert r.status == 200
+        event_id = (await r.json())["event_id"]
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        row = conn.execute("select payload::text from dashboard.events where id = %s", (event_id,)).fetchone()
+    assert row is not None
+    refresh = json.loads(row[0])
+    expected = listener | {
+        "changes": [],
+        "change_count": 0,
+        "payments": [],
+        "committed_at": refresh["committed_at"],
+        "reason": "manual_refresh",
+    }
+    assert row[0] == json.dumps(expected, separators=(",", ":"))
+    assert len(refresh["committed_at"]) == len(listener["committed_at"])  # (the same timestamp format)
+    datetime.fromisoformat(refresh["committed_at"])
 
 
 async def test_figures_fetched_on_each_event_include_its_payment(db_url: str) -> None:

@@ -1,4 +1,5 @@
-"""`db apply`: applies everything once, is a no-op the second time, refuses a changed applied file."""
+"""`db apply`: a new database gets the schema files and the migrations as its baseline; applies everything once,
+is a no-op the second time, refuses a changed applied migration."""
 
 from __future__ import annotations
 
@@ -6,12 +7,13 @@ import psycopg
 import pytest
 
 from cdc_dashboard.errors import UserError
-from cdc_dashboard.migrations import DEFAULT_TRACKED, apply, schema_files, status
+from cdc_dashboard.migrations import DEFAULT_TRACKED, apply, concept_files, schema_files, status
 
 
 def test_apply_on_empty_database_then_noop(empty_db_url: str) -> None:
     first = apply(empty_db_url)
-    assert [f"applied {p.name}" for p in schema_files()] == first[: len(schema_files())]
+    assert first[0] == f"created the schema ({', '.join(p.name for p in concept_files())})"
+    assert first[1].startswith(f"recorded {len(schema_files())} migrations as applied (baseline")
     assert "installed capture (triggers/install.sql)" in first
     assert {f"tracking {t}" for t in DEFAULT_TRACKED} <= set(first)
     assert apply(empty_db_url) == []
@@ -23,7 +25,7 @@ def test_apply_on_empty_database_then_noop(empty_db_url: str) -> None:
 def test_changed_applied_migration_is_refused(db_url: str) -> None:
     with psycopg.connect(db_url, autocommit=True) as conn:
         conn.execute("update dashboard.schema_migrations set checksum = 'x' where version = '0001_base.sql'")
-    with pytest.raises(UserError, match=r"0001_base.sql changed after it was applied"):
+    with pytest.raises(UserError, match=r"sql/schema/migrations/0001_base.sql changed after it was applied"):
         apply(db_url)
 
 
@@ -47,3 +49,17 @@ def test_status_lists_pending_on_empty_database(empty_db_url: str) -> None:
     applied, pending = status(empty_db_url)
     assert applied == []
     assert pending == [p.name for p in schema_files()]
+
+
+def test_existing_database_gets_pending_migrations_only(empty_db_url: str) -> None:
+    """Without the baseline a new database replays every migration, one transaction each; then nothing is left."""
+    first = apply(empty_db_url, baseline=False)
+    assert first[: len(schema_files())] == [f"applied {p.name}" for p in schema_files()]
+    assert apply(empty_db_url) == []
+    assert status(empty_db_url)[1] == []
+
+
+def test_concept_files_and_migrations_are_apart() -> None:
+    assert [p.parent.name for p in concept_files()] == ["schema"] * len(concept_files())
+    assert all(p.parent.name == "migrations" for p in schema_files())
+    assert schema_files()[0].name == "0001_base.sql"

@@ -30,7 +30,7 @@ def at_0010(empty_db_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]
     assert before[-1].name.startswith("0010_"), [p.name for p in before]
     with monkeypatch.context() as patched:
         patched.setattr(migrations, "schema_files", lambda: before)
-        apply(empty_db_url)
+        apply(empty_db_url, baseline=False)
     yield empty_db_url
 
 

@@ -7,19 +7,16 @@ rebuilt, so open dashboards fetch the repaired figures.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 import uuid
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
 
 from ..db import AsyncConnection
 from ..errors import UserError
-from ..events import manual_refresh_payload
 from ..sqlfiles import queries
 from .reads import stats
 
@@ -74,10 +71,7 @@ async def _rebuild_in_transaction(conn: AsyncConnection, ids: list[uuid.UUID], r
             extra.append(business)
         per_business = report.repaired.setdefault(business, {})
         per_business[r["rollup"]] = per_business.get(r["rollup"], 0) + r["rows_repaired"]
-    committed_at = datetime.now(UTC).isoformat()
-    targets = [str(b) for b in ids] + extra
-    payloads = [json.dumps(manual_refresh_payload(b, committed_at)) for b in targets]
-    event_ids = await conn.fetchval(q["append_events"], targets, ["invalidate"] * len(targets), payloads)
+    event_ids = await conn.fetchval(q["append_refresh_events"], [str(b) for b in ids] + extra)
     report.event_ids.extend(event_ids)
     report.businesses += len(ids)
 
@@ -204,7 +198,7 @@ async def rebuild(
 
     The businesses are taken in id order, in chunks of at most `chunk_businesses` businesses and `chunk_rows`
     payments and bookings; each chunk is one transaction that reads just its businesses' rows through their
-    indexes (sql/schema/0012), so a rebuild costs what the ledger's rows cost. A chunk that committed stays
+    indexes (sql/schema/30_aggregates.sql), so a rebuild costs what the ledger's rows cost. A chunk that committed stays
     rebuilt if a later one fails: run it again. `progress` receives a line at the start, at least every
     `progress_seconds`, and at the end. Unknown ids are rebuilt too (to nothing); a business created while
     the rebuild runs is not (the listener builds it)."""
