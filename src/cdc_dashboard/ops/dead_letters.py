@@ -30,6 +30,7 @@ from psycopg.rows import dict_row
 from ..db import connect_sync
 from ..errors import UserError
 from ..sqlfiles import queries
+from .durations import duration_text
 
 __all__ = ["DeadLetter", "discard", "list_dead_letters", "parse_ids", "retry", "run_discard", "run_list", "run_retry"]
 
@@ -186,16 +187,6 @@ def discard(url: str, ids: list[int]) -> list[DeadLetter]:
 # -- the commands ----------------------------------------------------------------------------------------------
 
 
-def _age(seconds: float) -> str:
-    if seconds < 120:
-        return f"{seconds:.0f} s"
-    if seconds < 7200:
-        return f"{seconds / 60:.0f} min"
-    if seconds < 172800:
-        return f"{seconds / 3600:.1f} h"
-    return f"{seconds / 86400:.1f} days"
-
-
 def _reason(letter: DeadLetter) -> str:
     reason = _one_line(letter.reason)
     return f"{reason} (SQLSTATE {letter.sqlstate})" if letter.sqlstate else reason
@@ -209,7 +200,7 @@ def table_lines(letters: list[DeadLetter]) -> list[str]:
     rows = [
         (
             str(d.id),
-            _age(d.age_seconds),
+            duration_text(d.age_seconds, decimals=0),
             d.table or "-",
             d.op or "-",
             d.business_id or "-",

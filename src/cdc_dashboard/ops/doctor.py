@@ -34,6 +34,7 @@ from ..db.locks import LockKey
 from ..errors import UserError
 from ..migrations import CAPTURE_VERSION, DEFAULT_TRACKED, schema_files, status
 from ..sqlfiles import queries, sql_dir
+from .durations import duration_text
 from .probe import PROBE_BUSINESS_ID, CheckFailed, EndToEndProbe
 
 __all__ = ["PROBE_BUSINESS_ID", "CheckResult", "Report", "diagnose", "run_doctor"]
@@ -153,15 +154,7 @@ def _track_sql(table: str, business_column: str, id_column: str, watch: Sequence
 
 
 def _seconds(value: float | None) -> str:
-    if value is None:
-        return "never"
-    if value < 120:
-        return f"{value:.1f} s"
-    if value < 7200:
-        return f"{value / 60:.0f} min"
-    if value < 172800:
-        return f"{value / 3600:.1f} h"
-    return f"{value / 86400:.1f} days"
+    return "never" if value is None else duration_text(value)
 
 
 def default_gateway_url(settings: Settings) -> str:
