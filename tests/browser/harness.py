@@ -15,10 +15,10 @@ from pathlib import Path
 
 import psycopg
 
-from cdc_dashboard.events import manual_refresh_payload
 from cdc_dashboard.tokens import create_token
 
 from ..processes import stop_process
+from ..query_keys import manual_refresh_payload
 
 __all__ = ["CHROMIUM", "CHROMIUM_ARGS", "SECRET", "Gateway", "append_invalidations"]
 

@@ -14,8 +14,7 @@ import psycopg
 import pytest
 from playwright.sync_api import Browser, Page, Route
 
-from cdc_dashboard.events import ALL_PAYMENT_KEYS, BOOKING_KEYS
-
+from ..query_keys import ALL_PAYMENT_KEYS, BOOKING_KEYS
 from .harness import Gateway, append_invalidations
 
 pytestmark = pytest.mark.browser

@@ -10,7 +10,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from cdc_dashboard.events import ALL_PAYMENT_KEYS, BOOKING_KEYS
+from ..query_keys import ALL_PAYMENT_KEYS, BOOKING_KEYS
 
 Conn = psycopg.Connection[Any]
 

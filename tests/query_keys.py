@@ -1,11 +1,9 @@
-"""Invalidation events: the query keys of DESIGN, and the payload of a manual refresh.
+"""The query keys DESIGN names, as the tests expect invalidation events to carry them.
 
-Events for captured changes are built by the listener's batch statement in SQL
-(`dashboard.consume_changes_v2`, sql/schema/0007_listener_batch.sql and 0010), where the default mapping lives in
-`dashboard.query_keys_v1`: a change to payments, payment_transactions or client_business_transactions
-invalidates every figure and list of its business; a change to bookings invalidates the stats, the business
-data and the bookings list; a table tracked by an application itself invalidates the stats and a key named
-after it. The constants here are the same lists, for the manual refresh and for tests.
+Events are built in SQL: the listener's batch (sql/schema/40_listener_batch.sql), where the default mapping lives
+in `dashboard.query_keys_v1`, and a manual refresh through the same SQL. A change to payments,
+payment_transactions or client_business_transactions invalidates every figure and list of its business; a
+change to bookings invalidates the stats, the business data and the bookings list.
 """
 
 from __future__ import annotations
