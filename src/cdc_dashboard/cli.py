@@ -55,7 +55,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
 
     if not settings.secret:
         raise UserError("CDC_SECRET is not set: serve signs and checks dashboard tokens with it (32+ characters)")
-    settings.require_database_url()
+    settings.require_database_url()  # fail before anything starts
     configure_logging(settings.log_level)
     return serve(settings, with_listener=args.with_listener)
 
@@ -92,7 +92,7 @@ def cmd_simulate(args: argparse.Namespace, settings: Settings) -> int:
         url=args.url,
         seed=args.seed,
     )
-    settings.require_database_url()
+    settings.require_database_url()  # a missing database is said first, before the options are checked
     return run_simulation(settings, options)
 
 
