@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+from cdc_dashboard.sqlfiles import sql_dir
+
 CLI = [sys.executable, "-m", "cdc_dashboard.cli"]
 
 
@@ -17,7 +19,10 @@ def run_cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
 def test_db_apply_twice_is_a_noop(empty_db_url: str) -> None:
     first = run_cli("db", "apply", CDC_DATABASE_URL=empty_db_url)
     assert first.returncode == 0, first.stderr
-    assert "applied 0001_base.sql" in first.stdout
+    assert first.stdout.startswith("created the schema (10_base_tables.sql"), first.stdout
+    # A new database gets the schema files, and every migration is recorded as already applied (the baseline).
+    migrations = len(list((sql_dir() / "schema" / "migrations").glob("[0-9]*.sql")))
+    assert f"recorded {migrations} migrations as applied" in first.stdout, first.stdout
     second = run_cli("db", "apply", CDC_DATABASE_URL=empty_db_url)
     assert second.returncode == 0, second.stderr
     assert second.stdout.strip() == "database is up to date"
