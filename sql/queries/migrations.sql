@@ -9,10 +9,10 @@ create table if not exists dashboard.schema_migrations (
 )
 
 -- lock --
-select pg_advisory_lock(4242000003)
+select pg_advisory_lock(%s)
 
 -- unlock --
-select pg_advisory_unlock(4242000003)
+select pg_advisory_unlock(%s)
 
 -- migrations_table_exists --
 select to_regclass('dashboard.schema_migrations') is not null

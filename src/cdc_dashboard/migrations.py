@@ -24,6 +24,7 @@ from typing import Any
 import psycopg
 
 from .db import connect_sync
+from .db.locks import LockKey
 from .errors import UserError
 from .sqlfiles import queries, sql_dir
 
@@ -90,7 +91,7 @@ def apply(url: str, *, baseline: bool = True) -> list[str]:
     q = queries("migrations")
     done: list[str] = []
     with connect_sync(url) as conn:
-        conn.execute(q["lock"])
+        conn.execute(q["lock"], (LockKey.DB_APPLY,))
         try:
             conn.execute(q["create_migrations_table"])
             applied = _applied(conn)
@@ -125,7 +126,7 @@ def apply(url: str, *, baseline: bool = True) -> list[str]:
                     conn.execute(q["track"], (table, business_column, watched))
                     done.append(f"tracking {table}")
         finally:
-            conn.execute(q["unlock"])
+            conn.execute(q["unlock"], (LockKey.DB_APPLY,))
     return done
 
 
