@@ -24,6 +24,8 @@ from ..db import AsyncConnection
 from ..sqlfiles import queries
 
 __all__ = [
+    "EARLIEST",
+    "LATEST",
     "MAX_BUCKETS",
     "MAX_LIMIT",
     "BadRequest",
@@ -32,10 +34,12 @@ __all__ = [
     "ListKind",
     "Page",
     "RevenueSeries",
+    "SeriesPlan",
     "business_data",
     "decode_cursor",
     "encode_cursor",
     "list_page",
+    "plan_series",
     "revenue_series",
     "stats",
 ]
@@ -46,6 +50,11 @@ DEFAULT_LIMIT = 50
 MAX_LIMIT = 200
 # A series longer than this is a mistake (e.g. hourly over years) and would make a huge response.
 MAX_BUCKETS = 2000
+# The instants `from` and `to` may name. Outside them the arithmetic the series needs (a day or a month either
+# side, the business's offset) would leave the years Python's datetime can hold (1..9999): payments predate
+# neither the Unix epoch nor the year 9999, so the range costs no real query and every date in it is safe.
+EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
+LATEST = datetime(9999, 1, 1, tzinfo=UTC)
 # The first page: strictly before a key no row has (any timestamp < infinity), so one indexed query serves
 # both the first page and the next ones.
 _FIRST_PAGE = (datetime.max.replace(tzinfo=UTC), uuid.UUID(int=(1 << 128) - 1))
@@ -132,7 +141,8 @@ async def business_data(conn: AsyncConnection, business_id: uuid.UUID) -> dict[s
 
 
 def _parse_instant(name: str, value: str, tz: ZoneInfo) -> datetime:
-    """An ISO 8601 date or date-time; one without an offset is wall-clock time in the business's timezone."""
+    """An ISO 8601 date or date-time between EARLIEST and LATEST, in UTC; one without an offset is wall-clock
+    time in the business's timezone."""
     try:
         parsed = datetime.fromisoformat(value)
     except ValueError:
@@ -141,7 +151,14 @@ def _parse_instant(name: str, value: str, tz: ZoneInfo) -> datetime:
         ) from None
     if parsed.tzinfo is None:
         parsed = parsed.replace(tzinfo=tz)
-    return parsed
+    try:
+        # Near year 1 or 9999 the conversion itself overflows (e.g. 9999-12-31T23:00-05:00).
+        instant = parsed.astimezone(UTC)
+    except (OverflowError, ValueError):
+        instant = None
+    if instant is None or not EARLIEST <= instant <= LATEST:
+        raise BadRequest(f"{name} must be from {EARLIEST.date()} to {LATEST.date()} (UTC)")
+    return instant
 
 
 def _month_start(d: date) -> date:
@@ -195,6 +212,44 @@ def _default_start(granularity: Granularity, end: datetime, tz: ZoneInfo) -> dat
     return datetime.combine(_add_months(local_end.date(), -11), datetime.min.time(), tz)
 
 
+@dataclass(frozen=True)
+class SeriesPlan:
+    """What a revenue request asks for, checked: the instants, the buckets, and the SQL bounds of the query."""
+
+    granularity: Granularity
+    start: datetime
+    end: datetime
+    buckets: list[Any]
+    lower: Any
+    upper: Any
+
+
+def plan_series(granularity: str | None, start: str | None, end: str | None, tz: ZoneInfo, now: datetime) -> SeriesPlan:
+    """The series a request names in the business's timezone `tz`, or BadRequest saying what to fix.
+
+    Pure (no database), so the property tests can try any input: anything it returns can be queried.
+    """
+    if granularity not in (None, "", "hour", "day", "month"):
+        raise BadRequest("granularity must be one of hour, day, month")
+    gran: Granularity = cast(Granularity, granularity or "day")
+    end_at = _parse_instant("to", end, tz) if end else now
+    start_at = _parse_instant("from", start, tz) if start else _default_start(gran, end_at, tz)
+    if start_at >= end_at:
+        raise BadRequest("from must be earlier than to")
+    buckets = _buckets(gran, start_at, end_at, tz)
+    if len(buckets) > MAX_BUCKETS:
+        raise BadRequest(f"the range holds more than {MAX_BUCKETS} {gran} buckets: narrow it or use a coarser one")
+    if not buckets:
+        raise BadRequest("the range holds no bucket")
+    if gran == "hour":
+        lower, upper = buckets[0], buckets[-1] + timedelta(hours=1)
+    elif gran == "day":
+        lower, upper = buckets[0], buckets[-1]
+    else:
+        lower, upper = buckets[0], _add_months(buckets[-1], 1) - timedelta(1)
+    return SeriesPlan(gran, start_at, end_at, buckets, lower, upper)
+
+
 async def revenue_series(
     conn: AsyncConnection,
     business_id: uuid.UUID,
@@ -208,29 +263,14 @@ async def revenue_series(
     """
     if granularity not in (None, "", "hour", "day", "month"):
         raise BadRequest("granularity must be one of hour, day, month")
-    gran: Granularity = cast(Granularity, granularity or "day")
     tz_name = await conn.fetchval(queries("figures")["business_timezone"], business_id)
     if tz_name is None:
         return None
     tz = ZoneInfo(tz_name)
-    end_at = _parse_instant("to", end, tz) if end else datetime.now(UTC)
-    start_at = _parse_instant("from", start, tz) if start else _default_start(gran, end_at, tz)
-    if start_at >= end_at:
-        raise BadRequest("from must be earlier than to")
-    buckets = _buckets(gran, start_at, end_at, tz)
-    if len(buckets) > MAX_BUCKETS:
-        raise BadRequest(f"the range holds more than {MAX_BUCKETS} {gran} buckets: narrow it or use a coarser one")
-    if not buckets:
-        raise BadRequest("the range holds no bucket")
-    q = queries("figures")
-    if gran == "hour":
-        rows = await conn.fetch(q["revenue_hourly"], business_id, buckets[0], buckets[-1] + timedelta(hours=1))
-    elif gran == "day":
-        rows = await conn.fetch(q["revenue_daily"], business_id, buckets[0], buckets[-1])
-    else:
-        rows = await conn.fetch(
-            q["revenue_monthly"], business_id, buckets[0], _add_months(buckets[-1], 1) - timedelta(1)
-        )
+    plan = plan_series(granularity, start, end, tz, datetime.now(UTC))
+    gran, start_at, end_at, buckets = plan.granularity, plan.start, plan.end, plan.buckets
+    query = {"hour": "revenue_hourly", "day": "revenue_daily", "month": "revenue_monthly"}[gran]
+    rows = await conn.fetch(queries("figures")[query], business_id, plan.lower, plan.upper)
     as_of = rows[0]["as_of_event_id"]
     found: dict[str, dict[Any, tuple[int, int]]] = {}
     for r in rows:
@@ -269,27 +309,30 @@ def encode_cursor(sort_at: datetime, row_id: uuid.UUID) -> str:
 
 
 def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
+    """The key of a cursor made by `encode_cursor`; BadRequest for anything else.
+
+    A cursor is valid only when encoding its key gives it back: that refuses, in one rule, garbage, other
+    spellings of the same key, and instants a query could not bind (an offset that overflows near year 9999).
+    """
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
         at, _, row_id = raw.partition("|")
         parsed = datetime.fromisoformat(at)
-        if parsed.tzinfo is None:
-            raise ValueError("naive")
-        return parsed, uuid.UUID(row_id)
-    except (ValueError, UnicodeDecodeError, binascii.Error):
+        key = (parsed, uuid.UUID(row_id))
+        if parsed.tzinfo is None or encode_cursor(*key) != cursor:
+            raise ValueError("not a cursor this gateway made")
+        return key
+    except (ValueError, OverflowError, UnicodeDecodeError, binascii.Error):
         raise BadRequest("before must be a cursor returned as next_before by a previous page") from None
 
 
 def parse_limit(value: str | None) -> int:
+    # ASCII digits only: int() would also take "+5", "5_0" and other scripts' digits, which no client means.
     if value is None or value == "":
         return DEFAULT_LIMIT
-    try:
-        limit = int(value)
-    except ValueError:
-        raise BadRequest(f"limit must be an integer from 1 to {MAX_LIMIT}") from None
-    if not 1 <= limit <= MAX_LIMIT:
+    if not (value.isascii() and value.isdigit() and len(value) <= 3 and 1 <= int(value) <= MAX_LIMIT):
         raise BadRequest(f"limit must be an integer from 1 to {MAX_LIMIT}")
-    return limit
+    return int(value)
 
 
 async def list_page(

@@ -51,17 +51,19 @@ def _retry_after() -> str:
     return str(random.randint(1, 5))
 
 
+# Event ids are PostgreSQL bigints; a larger number is no id this database gave (and would not bind to a query).
+MAX_EVENT_ID = 2**63 - 1
+
+
 def _last_event_id(request: Request) -> int | None:
     raw = request.headers.get("last-event-id") or request.query_params.get("last_event_id")
     if raw is None or raw.strip() == "":
         return None
-    try:
-        value = int(raw.strip())
-    except ValueError:
-        raise HTTPException(400, "Last-Event-ID must be a non-negative integer") from None
-    if value < 0:
-        raise HTTPException(400, "Last-Event-ID must be a non-negative integer")
-    return value
+    value = raw.strip()
+    # ASCII digits only (int() would also take "+5", "5_0" and other scripts' digits); 19 digits hold any bigint.
+    if not (value.isascii() and value.isdigit() and len(value) <= 19 and int(value) <= MAX_EVENT_ID):
+        raise HTTPException(400, f"Last-Event-ID must be an integer from 0 to {MAX_EVENT_ID}")
+    return int(value)
 
 
 async def _events(
