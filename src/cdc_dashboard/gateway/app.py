@@ -124,6 +124,9 @@ def create_app(settings: Settings, *, with_listener: bool = False) -> Starlette:
         exception_handlers={HTTPException: _http_error, Exception: _server_error},
         lifespan=lifespan,
     )
+    # No trailing-slash redirects: starlette builds their Location from the Host header, so a forged Host would
+    # make the gateway redirect (and a cache remember) to any site. `/stats/` is a 404 like any unknown path.
+    app.router.redirect_slashes = False
     app.state.gateway = state
     return app
 
