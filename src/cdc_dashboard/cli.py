@@ -61,17 +61,20 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_token(args: argparse.Namespace, settings: Settings) -> int:
-    from .tokens import create_token
+    from .tokens import MAX_TTL_SECONDS, create_token
 
-    secret = signing_secret(settings)
+    secret = signing_secret(settings, admin=args.admin)
     if not secret:
         raise UserError("CDC_SECRET is not set: tokens are signed with it (the gateway must use the same one)")
     if not args.business_ids and not args.admin:
         raise UserError("name at least one BUSINESS_ID (or --admin for all businesses)")
+    if not 0 < args.ttl <= MAX_TTL_SECONDS:
+        # The cap bounds how long a rotated-out key must stay in CDC_SECRET_PREVIOUS (tokens.py).
+        raise UserError(f"--ttl must be from 1 to {MAX_TTL_SECONDS} seconds (366 days); got {args.ttl}")
     try:
         print(create_token(secret, args.business_ids, args.ttl, admin=args.admin))
     except ValueError as exc:
-        raise UserError(f"cannot make a token: {exc} (business ids are UUIDs, --ttl is positive)") from None
+        raise UserError(f"cannot make a token: {exc} (business ids are UUIDs)") from None
     return 0
 
 
@@ -162,7 +165,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     token = commands.add_parser("token", help="print a signed dashboard token for these businesses")
     token.add_argument("business_ids", nargs="*", metavar="BUSINESS_ID", help="business UUIDs the token may see")
-    token.add_argument("--ttl", type=int, default=86400, metavar="SECONDS", help="lifetime (default 86400)")
+    token.add_argument(
+        "--ttl",
+        type=int,
+        default=86400,
+        metavar="SECONDS",
+        help="lifetime, at most 31622400 = 366 days (default 86400)",
+    )
     token.add_argument("--admin", action="store_true", help="all businesses, plus /v1/status")
     token.set_defaults(handler=cmd_token)
 

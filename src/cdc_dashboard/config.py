@@ -10,14 +10,21 @@ import ipaddress
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 __all__ = ["ConfigError", "Settings", "load_settings", "signing_secret"]
 
 
 # Values never echoed back in an error: they are secrets.
-_SENSITIVE = {"secret", "paystack_secret_key", "mpesa_callback_token", "database_url"}
+_SENSITIVE = {
+    "secret",
+    "secret_previous",
+    "admin_secret",
+    "paystack_secret_key",
+    "mpesa_callback_token",
+    "database_url",
+}
 
 
 class ConfigError(Exception):
@@ -31,6 +38,10 @@ class Settings(BaseSettings):
     http_host: str = "127.0.0.1"
     http_port: int = Field(default=8000, ge=0, le=65535)
     secret: str | None = Field(default=None, description="HS256 key that signs dashboard tokens")
+    # Key rotation: earlier CDC_SECRETs, comma-separated, whose tokens are still accepted; never used to sign.
+    secret_previous: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # When set, admin tokens are signed with this key and only with it.
+    admin_secret: str | None = Field(default=None, description="HS256 key that signs admin tokens")
     paystack_secret_key: str | None = None
     mpesa_callback_token: str | None = None
     # Comma-separated addresses or CIDR blocks. Empty allow-list: any source (the path token still applies).
@@ -67,6 +78,29 @@ class Settings(BaseSettings):
             raise ValueError("must be at least 32 characters (HS256 key)")
         return value
 
+    @field_validator("secret_previous", mode="before")
+    @classmethod
+    def _key_list(cls, value: Any) -> Any:
+        entries = value.split(",") if isinstance(value, str) else value
+        if not isinstance(entries, list):
+            return entries
+        cleaned = [str(e).strip() for e in entries if str(e).strip()]
+        if any(len(key) < 32 for key in cleaned):
+            raise ValueError("each key must be at least 32 characters (comma-separated earlier CDC_SECRETs)")
+        return cleaned
+
+    @field_validator("admin_secret")
+    @classmethod
+    def _separate_admin_key(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None:
+            return value
+        if len(value) < 32:
+            raise ValueError("must be at least 32 characters (HS256 key)")
+        # The same key for both would let every business token's signer mint admin tokens: the point is lost.
+        if value == info.data.get("secret") or value in info.data.get("secret_previous", []):
+            raise ValueError("must differ from CDC_SECRET and CDC_SECRET_PREVIOUS")
+        return value
+
     @field_validator("mpesa_allowed_ips", "trusted_proxies", mode="before")
     @classmethod
     def _address_list(cls, value: Any) -> Any:
@@ -97,9 +131,12 @@ class Settings(BaseSettings):
         return self.database_url
 
 
-def signing_secret(settings: Settings) -> str | None:
-    """CDC_SECRET, else the one `cdc-dashboard run` generated in the state directory (so `token` and `doctor`
-    work against a running demo), else None."""
+def signing_secret(settings: Settings, *, admin: bool = False) -> str | None:
+    """The key that signs tokens: for admin tokens CDC_ADMIN_SECRET when set; else CDC_SECRET, else the one
+    `cdc-dashboard run` generated in the state directory (so `token` and `doctor` work against a running demo),
+    else None."""
+    if admin and settings.admin_secret:
+        return settings.admin_secret
     if settings.secret:
         return settings.secret
     generated = Path(settings.state_dir) / "secret"

@@ -17,7 +17,7 @@ from starlette.responses import HTMLResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from .auth import authorize, parse_business_id
+from .auth import authorize, canonical_uuid
 
 __all__ = ["STATIC_DIR", "routes"]
 
@@ -71,11 +71,15 @@ def _error_page(exc: HTTPException) -> HTMLResponse:
 async def dashboard_page(request: Request) -> Response:
     """The live dashboard of one business, for a token that names it."""
     raw_id = request.path_params["business_id"]
+    # People open the page from links they paste or retype: any spelling of the UUID opens it, and the page then
+    # uses the canonical form for everything it calls (the API itself takes only that form: auth.py).
+    business_id = canonical_uuid(raw_id) or raw_id
     try:
-        authorize(request, raw_id)
+        # The token may come in the URL: the page is opened by a link.
+        authorize(request, business_id, allow_query_token=True)
     except HTTPException as exc:
         return _error_page(exc)
-    business_id = parse_business_id(raw_id)  # canonical UUID text: safe to place in HTML as is
+    # `business_id` is now canonical UUID text: safe to place in HTML as is.
     page = _template().replace("{{business_id}}", business_id)
     return HTMLResponse(page, headers=_PAGE_HEADERS)
 
