@@ -261,6 +261,7 @@ async def revenue_series(
 
     Defaults: the last 24 hours, 30 days or 12 months up to now. None for an unknown business.
     """
+    # Checked before the database too (plan_series checks it again): a bad granularity is a 400 for any id.
     if granularity not in (None, "", "hour", "day", "month"):
         raise BadRequest("granularity must be one of hour, day, month")
     tz_name = await conn.fetchval(queries("figures")["business_timezone"], business_id)
