@@ -10,7 +10,13 @@ from typing import Any
 import aiohttp
 import psycopg
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+from starlette.exceptions import HTTPException
 from starlette.routing import Route
+
+from cdc_dashboard.gateway.auth import parse_business_id
+from cdc_dashboard.gateway.streams import MAX_EVENT_ID, parse_event_id
 
 from .gateway_support import append_events, open_stream, run_gateway, token_for
 
@@ -165,3 +171,36 @@ async def test_a_trailing_slash_is_404_never_a_redirect_to_the_host_header(busin
                 assert response.status == 404, path
                 assert "location" not in response.headers
                 assert "evil.example" not in await response.text()
+
+
+PROPERTIES = settings(max_examples=300, deadline=None, database=None)
+
+
+@PROPERTIES
+@given(raw=st.none() | st.text(max_size=25) | st.integers().map(str))
+@example(raw=str(2**63))
+@example(raw="+5")
+@example(raw="\u0663")  # an Arabic-Indic 3: int() reads it, no client means it
+def test_any_last_event_id_is_refused_or_a_bigint(raw: str | None) -> None:
+    try:
+        value = parse_event_id(raw)
+    except HTTPException as exc:
+        assert exc.status_code == 400 and "0 to 9223372036854775807" in exc.detail
+        return
+    assert value is None or (0 <= value <= MAX_EVENT_ID and raw is not None and int(raw.strip()) == value)
+
+
+@PROPERTIES
+@given(
+    raw=st.text(max_size=50)
+    | st.uuids().map(str)
+    | st.uuids().map(lambda u: u.hex)
+    | st.uuids().map(lambda u: str(u).upper())
+)
+def test_any_business_id_is_refused_or_already_canonical(raw: str) -> None:
+    try:
+        canonical = parse_business_id(raw)
+    except HTTPException as exc:
+        assert exc.status_code == 400
+        return
+    assert canonical == raw == str(uuid.UUID(raw))

@@ -33,7 +33,7 @@ from .eventstream import EventStreamResponse
 from .hub import SEP, HubEvent, Subscriber, encode_event
 from .state import gateway_state
 
-__all__ = ["RETRY_MS", "routes"]
+__all__ = ["MAX_EVENT_ID", "RETRY_MS", "parse_event_id", "routes"]
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,11 @@ MAX_EVENT_ID = 2**63 - 1
 
 
 def _last_event_id(request: Request) -> int | None:
-    raw = request.headers.get("last-event-id") or request.query_params.get("last_event_id")
+    return parse_event_id(request.headers.get("last-event-id") or request.query_params.get("last_event_id"))
+
+
+def parse_event_id(raw: str | None) -> int | None:
+    """A Last-Event-ID: None when absent or blank, else an int from 0 to MAX_EVENT_ID, else HTTPException(400)."""
     if raw is None or raw.strip() == "":
         return None
     value = raw.strip()
