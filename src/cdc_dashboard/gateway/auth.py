@@ -8,10 +8,13 @@ every business and may read `/v1/status`.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 import jwt
 from starlette.exceptions import HTTPException
@@ -41,6 +44,9 @@ class TokenClaims:
     admin: bool
     expires_at: datetime
     subject: str
+    # Tells one token from another (the per-token stream cap) without keeping the token: a digest of its
+    # verified claims. Not of its text: base64 padding bits let one token be spelled several ways.
+    token_id: str = ""
 
     def allows(self, business_id: str) -> bool:
         return self.admin or business_id in self.business_ids
@@ -77,7 +83,13 @@ def decode_token(secret: str, token: str) -> TokenClaims:
         admin=admin,
         expires_at=datetime.fromtimestamp(claims["exp"], UTC),
         subject=str(claims.get("sub", "")),
+        token_id=_token_id(claims),
     )
+
+
+def _token_id(claims: dict[str, Any]) -> str:
+    canonical = json.dumps(claims, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:32]
 
 
 def token_from_request(request: HTTPConnection) -> str | None:

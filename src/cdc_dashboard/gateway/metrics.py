@@ -33,6 +33,12 @@ class GatewayMetrics:
             ["reason"],
             registry=self.registry,
         )
+        self.rejected_requests = Counter(
+            "cdc_gateway_rejected_requests",
+            "requests refused (4xx, 503), by reason (gateway/rejections.py lists them)",
+            ["reason"],
+            registry=self.registry,
+        )
         self.listen_reconnects = Counter(
             "cdc_gateway_listen_reconnects", "reconnects of the gateway's LISTEN connection", registry=self.registry
         )

@@ -17,6 +17,7 @@ from starlette.responses import HTMLResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from . import rejections
 from .auth import authorize, parse_business_id
 
 __all__ = ["STATIC_DIR", "routes"]
@@ -74,6 +75,7 @@ async def dashboard_page(request: Request) -> Response:
     try:
         authorize(request, raw_id)
     except HTTPException as exc:
+        rejections.record(request, exc.status_code, rejections.reason_of(exc), str(exc.detail))
         return _error_page(exc)
     business_id = parse_business_id(raw_id)  # canonical UUID text: safe to place in HTML as is
     page = _template().replace("{{business_id}}", business_id)
