@@ -23,8 +23,9 @@ __all__ = ["Limits", "RateLimiter", "RefreshCooldown", "StreamsPerToken", "retry
 
 Clock = Callable[[], float]
 
-# Distinct addresses a rate limiter remembers at most (~150 bytes each). Past it the least recently seen is
-# forgotten: that address starts again with a full bucket, the worst an attacker with this many addresses gets.
+# Distinct addresses a rate limiter remembers at most (~250 bytes each: 25 MB at the ceiling). Past it the least
+# recently seen is forgotten: that address starts again with a full bucket, the worst an attacker with this many
+# addresses gets.
 MAX_TRACKED_ADDRESSES = 100_000
 
 
