@@ -1,9 +1,11 @@
 """Gateway routes: payment provider webhooks (Paystack, M-Pesa STK and C2B).
 
-Each request is checked in this order, and a rejected one records nothing: the provider is configured (else
-503), the M-Pesa caller is allowed (403) and knows the path token (401), the body is at most 1 MB (413), the
-Paystack signature matches the raw bytes (401), the body parses into what we record (400). Database trouble
-answers 503 so the provider retries; nothing here answers 500. Recording is in `cdc_dashboard.ingest`.
+Each request is checked in this order, and a rejected one records nothing: its client address is within
+CDC_RATE_LIMIT_WEBHOOKS_PER_MINUTE (else 429 with Retry-After), the provider is configured (else 503), the
+M-Pesa caller is allowed (403) and knows the path token (401), the body is at most 1 MB (413), the Paystack
+signature matches the raw bytes (401), the body parses into what we record (400). Database trouble answers 503
+so the provider retries; nothing here answers 500. Every refusal is counted and logged by reason
+(gateway/rejections.py). Recording is in `cdc_dashboard.ingest`.
 """
 
 from __future__ import annotations
