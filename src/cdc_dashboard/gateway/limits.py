@@ -15,7 +15,7 @@ import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ..config import Settings
 
@@ -149,7 +149,7 @@ class Limits:
     streams_per_token: StreamsPerToken
     refresh: RefreshCooldown
     # Seconds a client told "stream cap reached" waits: long enough for a closed tab's stream to be noticed.
-    stream_cap_retry_seconds: float = field(default=10.0)
+    stream_cap_retry_seconds: float = 10.0
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Limits:
