@@ -260,3 +260,28 @@ def _rejection_lines(output: str) -> list[dict[str, object]]:
             if isinstance(entry, dict) and " rejected: " in str(entry.get("msg", "")):
                 lines.append(entry)
     return lines
+
+
+async def test_metrics_backlog_without_counting_the_whole_change_log(db_url: str) -> None:
+    """A scrape reads the backlog exactly while it is small, and from the ends of the queue once it is large."""
+
+    def capture(count: int) -> None:
+        with psycopg.connect(db_url, autocommit=True) as conn:
+            conn.execute(
+                "insert into cdc.change_log (table_name, op, business_id, row_id)"
+                " select 'public.payments', 'INSERT', 'b', g::text from generate_series(1, %s) g",
+                (count,),
+            )
+
+    async def backlog() -> float:
+        async with aiohttp.ClientSession() as session, session.get(f"{gw.url}/metrics") as r:
+            text = await r.text()
+        [line] = [line for line in text.splitlines() if line.startswith("cdc_listener_backlog ")]
+        return float(line.split()[1])
+
+    async with run_gateway(db_url) as gw:
+        before = await backlog()
+        capture(5)
+        assert await backlog() == before + 5
+        capture(20_000)
+        assert await backlog() == before + 20_005  # estimated from the ids: no gaps here, so exact

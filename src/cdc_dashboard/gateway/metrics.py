@@ -49,7 +49,8 @@ class GatewayMetrics:
         )
         self.listener_backlog = Gauge(
             "cdc_listener_backlog",
-            "captured changes not yet turned into events (read at scrape)",
+            "captured changes not yet turned into events (read at scrape; exact up to 10000, above that an upper "
+            "bound from the ids at both ends of the change log)",
             registry=self.registry,
         )
         self.listener_lag = Gauge(
