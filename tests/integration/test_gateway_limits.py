@@ -112,6 +112,8 @@ async def test_refresh_within_the_cooldown_is_429_with_the_seconds_left(db_url: 
         assert int(again.headers["Retry-After"]) in (1, 2)
         assert "refreshed less than 2 s ago" in json.loads(await again.text())["error"]
         assert (await refresh(other)).status == 200  # per business
+        unknown = str(uuid.uuid4())
+        assert [(await refresh(unknown)).status for _ in range(2)] == [404, 404]  # nothing refreshed: no cooldown
         await asyncio.sleep(max(0.0, started + 2.05 - time.monotonic()))
         assert (await refresh(b)).status == 200
         # An unknown token learns nothing about the cooldown: 401 first.

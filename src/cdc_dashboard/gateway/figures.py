@@ -145,6 +145,7 @@ async def refresh(request: Request) -> Response:
         cooldown.forget(str(business_id))  # nothing was refreshed: a retry may run at once
         raise
     if report is None:
+        cooldown.forget(str(business_id))  # (nor here: a business that does not exist stays a 404)
         raise HTTPException(404, "no such business")
     return JSONResponse(report, headers=_HEADERS)
 
