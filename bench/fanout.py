@@ -161,6 +161,9 @@ def main() -> int:
             CDC_SECRET=SECRET,
             CDC_HTTP_PORT=str(port),
             CDC_MAX_CONNECTIONS=str(args.connections + 100),
+            # Every stream is one token's, opened from 127.0.0.1 at once: lift the per-token and per-address limits.
+            CDC_MAX_STREAMS_PER_TOKEN=str(args.connections + 100),
+            CDC_RATE_LIMIT_STREAM_OPENS_PER_MINUTE="0",
             CDC_SSE_PING_SECONDS="15",
             CDC_LOG_LEVEL="WARNING",
         )

@@ -50,6 +50,14 @@ class Settings(BaseSettings):
     trusted_proxies: Annotated[list[str], NoDecode] = Field(default_factory=list)
     sse_ping_seconds: float = Field(default=15.0, gt=0)
     max_connections: int = Field(default=20000, ge=1)
+    max_streams_per_token: int = Field(default=10, ge=1, description="open streams one token may hold on one gateway")
+    refresh_cooldown_seconds: float = Field(
+        default=10.0, ge=0, le=86400, description="a business's manual refresh runs at most once per this (per gateway)"
+    )
+    # Token buckets per client address (0 = off). Generous on purpose: a provider's burst of callbacks, or every
+    # dashboard of an office behind one NAT reconnecting after a deploy, must never meet them.
+    rate_limit_webhooks_per_minute: int = Field(default=6000, ge=0, le=1_000_000)
+    rate_limit_stream_opens_per_minute: int = Field(default=1200, ge=0, le=1_000_000)
     sse_queue_size: int = Field(default=256, ge=1, description="events buffered per stream before it is cut")
     sse_replay_memory_events: int = Field(default=10000, ge=0, description="latest events kept for resuming streams")
     sse_send_timeout_seconds: float = Field(default=30.0, gt=0, description="a stream whose send blocks longer is cut")

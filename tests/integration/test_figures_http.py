@@ -99,7 +99,8 @@ def shop(db_url: str) -> dict[str, str]:
 
 @pytest.fixture
 async def api(db_url: str) -> AsyncIterator[tuple[str, aiohttp.ClientSession]]:
-    async with run_gateway(db_url) as gw, aiohttp.ClientSession() as session:
+    # (no refresh cooldown: these tests refresh one business several times; test_gateway_limits tests it)
+    async with run_gateway(db_url, refresh_cooldown_seconds=0) as gw, aiohttp.ClientSession() as session:
         yield gw.url, session
 
 
@@ -489,7 +490,7 @@ async def test_figures_equal_the_ledger_through_the_listener(db_url: str) -> Non
             count += 1
         return count
 
-    with serve_subprocess(db_url, port, "--with-listener"):
+    with serve_subprocess(db_url, port, "--with-listener", CDC_REFRESH_COOLDOWN_SECONDS="0"):
         async with aiohttp.ClientSession() as session:
             done = asyncio.Event()
             racing = asyncio.create_task(refresher(session, done))

@@ -34,9 +34,10 @@ from ..db import connect_sync, describe_url
 from ..errors import UserError
 from ..sqlfiles import queries
 from ..systemd import Notifier
-from . import figures, ops, page, streams, webhooks
+from . import figures, ops, page, rejections, streams, webhooks
 from .heap import HeapKeeper
 from .hub import Hub
+from .limits import Limits
 from .metrics import GatewayMetrics
 from .state import GatewayState, gateway_state
 
@@ -52,6 +53,8 @@ _CLOSE_TIMEOUT = 2.0
 
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
+    # Every refusal is counted and logged here, once (the webhooks have their own path to `record`).
+    rejections.record(request, exc.status_code, rejections.reason_of(exc), str(exc.detail))
     return JSONResponse({"error": exc.detail}, status_code=exc.status_code, headers=exc.headers)
 
 
@@ -85,7 +88,7 @@ def create_app(settings: Settings, *, with_listener: bool = False) -> Starlette:
         recent_events=settings.sse_replay_memory_events,
         send_timeout=settings.sse_send_timeout_seconds,
     )
-    state = GatewayState(settings, metrics, hub)
+    state = GatewayState(settings, metrics, hub, Limits.from_settings(settings))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

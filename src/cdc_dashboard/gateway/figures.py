@@ -22,6 +22,8 @@ from starlette.routing import BaseRoute, Route
 from ..db import AsyncConnection
 from ..figures import reads, rebuild
 from .auth import authorize
+from .limits import retry_after
+from .rejections import Rejected
 from .state import gateway_state
 
 __all__ = ["routes"]
@@ -124,9 +126,26 @@ def _list_route(kind: reads.ListKind) -> Callable[[Request], Awaitable[Response]
 
 async def refresh(request: Request) -> Response:
     business_id = _business(request)
-    async with gateway_state(request).database().acquire() as conn:
-        report = await rebuild.refresh(conn, business_id)
+    state = gateway_state(request)
+    # A rebuild reads every row of the business: a held-down refresh button must not run it in a loop.
+    # Checked after the token, so an anonymous caller learns nothing about other clients' refreshes.
+    cooldown = state.limits.refresh
+    left = cooldown.claim(str(business_id))
+    if left is not None:
+        raise Rejected(
+            429,
+            f"this business was refreshed less than {cooldown.seconds:g} s ago",
+            reason="refresh_cooldown",
+            headers={"Retry-After": retry_after(left)},
+        )
+    try:
+        async with state.database().acquire() as conn:
+            report = await rebuild.refresh(conn, business_id)
+    except BaseException:
+        cooldown.forget(str(business_id))  # nothing was refreshed: a retry may run at once
+        raise
     if report is None:
+        cooldown.forget(str(business_id))  # (nor here: a business that does not exist stays a 404)
         raise HTTPException(404, "no such business")
     return JSONResponse(report, headers=_HEADERS)
 

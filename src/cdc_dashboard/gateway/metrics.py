@@ -33,6 +33,12 @@ class GatewayMetrics:
             ["reason"],
             registry=self.registry,
         )
+        self.rejected_requests = Counter(
+            "cdc_gateway_rejected_requests",
+            "requests refused (4xx, 503), by reason (gateway/rejections.py lists them)",
+            ["reason"],
+            registry=self.registry,
+        )
         self.listen_reconnects = Counter(
             "cdc_gateway_listen_reconnects", "reconnects of the gateway's LISTEN connection", registry=self.registry
         )
@@ -43,7 +49,8 @@ class GatewayMetrics:
         )
         self.listener_backlog = Gauge(
             "cdc_listener_backlog",
-            "captured changes not yet turned into events (read at scrape)",
+            "captured changes not yet turned into events (read at scrape; exact up to 10000, above that an upper "
+            "bound from the ids at both ends of the change log)",
             registry=self.registry,
         )
         self.listener_lag = Gauge(

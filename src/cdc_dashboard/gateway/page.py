@@ -17,6 +17,7 @@ from starlette.responses import HTMLResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from . import rejections
 from .auth import authorize, canonical_uuid
 
 __all__ = ["STATIC_DIR", "routes"]
@@ -78,6 +79,7 @@ async def dashboard_page(request: Request) -> Response:
         # The token may come in the URL: the page is opened by a link.
         authorize(request, business_id, allow_query_token=True)
     except HTTPException as exc:
+        rejections.record(request, exc.status_code, rejections.reason_of(exc), str(exc.detail))
         return _error_page(exc)
     # `business_id` is now canonical UUID text: safe to place in HTML as is.
     page = _template().replace("{{business_id}}", business_id)

@@ -17,6 +17,7 @@ from starlette.requests import HTTPConnection
 
 from ..config import Settings
 from .hub import Hub
+from .limits import Limits
 from .metrics import GatewayMetrics
 
 if TYPE_CHECKING:
@@ -30,6 +31,8 @@ class GatewayState:
     settings: Settings
     metrics: GatewayMetrics
     hub: Hub
+    # Rate limits, per-token stream cap, refresh cooldown: in this process's memory (gateway/limits.py).
+    limits: Limits
     # Open while the app's lifespan runs; None before it starts and after it ends.
     pool: asyncpg.Pool | None = None
     # `serve --with-listener` (and `run`): the listener running in this process.

@@ -28,9 +28,12 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from ..sqlfiles import queries
+from .addresses import client_address, rate_limit_key
 from .auth import TokenClaims, authorize
 from .eventstream import EventStreamResponse
 from .hub import SEP, HubEvent, Subscriber, encode_event
+from .limits import retry_after
+from .rejections import Rejected
 from .state import gateway_state
 
 __all__ = ["MAX_EVENT_ID", "RETRY_MS", "parse_event_id", "routes"]
@@ -49,6 +52,10 @@ SSE_HEADERS = {"Cache-Control": "no-cache, no-transform", "X-Accel-Buffering": "
 
 def _retry_after() -> str:
     return str(random.randint(1, 5))
+
+
+def _retry_in(seconds: float) -> dict[str, str]:
+    return {"Retry-After": retry_after(seconds)}
 
 
 # Event ids are PostgreSQL bigints; a larger number is no id this database gave (and would not bind to a query).
@@ -157,19 +164,38 @@ async def _replay(request: Request, business_id: str, last_id: int, start: int) 
 
 
 async def stream_events(request: Request) -> Response:
+    state = gateway_state(request)
+    settings, hub, metrics, limits = state.settings, state.hub, state.metrics, state.limits
+    # Before the token is even read: a flood of opens (bad tokens included) from one address stops here.
+    wait = limits.stream_opens.take(rate_limit_key(client_address(request)))
+    if wait is not None:
+        raise Rejected(429, "too many stream opens from this address", reason="rate_limited", headers=_retry_in(wait))
     business_id: str = request.path_params["business_id"]
     # EventSource cannot set headers: the stream takes its token from the URL too. The id is canonical once
     # authorised (any other spelling is a 400), so it matches the events' business ids.
     claims = authorize(request, business_id, allow_query_token=True)
     last_id = _last_event_id(request)
-    state = gateway_state(request)
-    settings, hub, metrics = state.settings, state.hub, state.metrics
     if hub.draining:
         metrics.streams_rejected.labels("draining").inc()
-        raise HTTPException(503, "the gateway is shutting down", headers={"Retry-After": _retry_after()})
+        raise Rejected(503, "the gateway is shutting down", reason="draining", headers={"Retry-After": _retry_after()})
     if hub.subscriber_count >= settings.max_connections:
         metrics.streams_rejected.labels("limit").inc()
-        raise HTTPException(503, "too many connections", headers={"Retry-After": _retry_after()})
+        raise Rejected(503, "too many connections", reason="over_capacity", headers={"Retry-After": _retry_after()})
+    # Counted from here until the stream ends, however it ends (on_end below): one token cannot take the
+    # whole gateway's connections.
+    token_id = claims.token_id
+    if not limits.streams_per_token.acquire(token_id):
+        raise Rejected(
+            429,
+            f"this token already holds {limits.streams_per_token.limit} open streams on this gateway",
+            reason="stream_cap",
+            headers=_retry_in(limits.stream_cap_retry_seconds),
+        )
+
+    def ended() -> None:
+        hub.unsubscribe(sub)
+        limits.streams_per_token.release(token_id)
+
     sub = hub.subscribe(business_id, settings.sse_queue_size)
     start = hub.position
     # In the same step as the subscription (no await between): memory holds (last_id, start], the subscriber
@@ -178,7 +204,7 @@ async def stream_events(request: Request) -> Response:
     # Heartbeats, expiry and the SIGTERM drain come from the body's own wait (above), not from tasks per
     # connection: a task per connection costs memory and CPU that every open dashboard multiplies.
     body = _events(request, sub, claims, last_id, start, recent)
-    return EventStreamResponse(body, sub, on_end=lambda: hub.unsubscribe(sub), headers=SSE_HEADERS)
+    return EventStreamResponse(body, sub, on_end=ended, headers=SSE_HEADERS)
 
 
 routes: list[BaseRoute] = [Route("/v1/businesses/{business_id}/events", stream_events, methods=["GET"])]

@@ -1,9 +1,11 @@
 """Gateway routes: payment provider webhooks (Paystack, M-Pesa STK and C2B).
 
-Each request is checked in this order, and a rejected one records nothing: the provider is configured (else
-503), the M-Pesa caller is allowed (403) and knows the path token (401), the body is at most 1 MB (413), the
-Paystack signature matches the raw bytes (401), the body parses into what we record (400). Database trouble
-answers 503 so the provider retries; nothing here answers 500. Recording is in `cdc_dashboard.ingest`.
+Each request is checked in this order, and a rejected one records nothing: its client address is within
+CDC_RATE_LIMIT_WEBHOOKS_PER_MINUTE (else 429 with Retry-After), the provider is configured (else 503), the
+M-Pesa caller is allowed (403) and knows the path token (401), the body is at most 1 MB (413), the Paystack
+signature matches the raw bytes (401), the body parses into what we record (400). Database trouble answers 503
+so the provider retries; nothing here answers 500. Every refusal is counted and logged by reason
+(gateway/rejections.py). Recording is in `cdc_dashboard.ingest`.
 """
 
 from __future__ import annotations
@@ -23,8 +25,12 @@ from starlette.routing import BaseRoute, Route
 
 from ..ingest import mpesa, paystack
 from ..ingest.recording import Recorded, record_c2b, record_paystack_charge, record_paystack_refund, record_stk
-from ..ingest.sources import IPNetwork, caller_ip, is_allowed, networks
+from ..ingest.sources import is_allowed
 from ..ingest.wire import BadPayload, load_json
+from . import rejections
+from .addresses import client_address, nets, rate_limit_key
+from .limits import retry_after
+from .rejections import Reason
 from .state import gateway_state
 
 __all__ = ["MAX_BODY_BYTES", "routes"]
@@ -68,53 +74,57 @@ def _observe(request: Request, provider: str, result: str, started: float) -> No
 
 
 class _Rejected(Exception):
-    def __init__(self, status: int, reason: str) -> None:
-        super().__init__(reason)
+    def __init__(self, status: int, message: str, reason: Reason) -> None:
+        super().__init__(message)
         self.status = status
-        self.reason = reason
+        self.message = message
+        self.reason: Reason = reason
 
 
 async def _read_body(request: Request) -> bytes:
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-        raise _Rejected(413, f"body is larger than {MAX_BODY_BYTES} bytes")
+        raise _Rejected(413, f"body is larger than {MAX_BODY_BYTES} bytes", "too_large")
     chunks: list[bytes] = []
     size = 0
     try:
         async for chunk in request.stream():
             size += len(chunk)
             if size > MAX_BODY_BYTES:
-                raise _Rejected(413, f"body is larger than {MAX_BODY_BYTES} bytes")
+                raise _Rejected(413, f"body is larger than {MAX_BODY_BYTES} bytes", "too_large")
             chunks.append(chunk)
     except ClientDisconnect:
-        raise _Rejected(400, "client disconnected before the body was complete") from None
+        raise _Rejected(400, "client disconnected before the body was complete", "bad_body") from None
     return b"".join(chunks)
-
-
-@functools.lru_cache(maxsize=8)
-def _nets(entries: tuple[str, ...]) -> list[IPNetwork]:
-    return networks(entries)
 
 
 def _check_mpesa_caller(request: Request) -> None:
     settings = gateway_state(request).settings
     expected = settings.mpesa_callback_token
     if not expected:
-        raise _Rejected(503, "M-Pesa callbacks are not configured (CDC_MPESA_CALLBACK_TOKEN is unset)")
-    allowed = _nets(tuple(settings.mpesa_allowed_ips))
+        raise _Rejected(
+            503, "M-Pesa callbacks are not configured (CDC_MPESA_CALLBACK_TOKEN is unset)", "not_configured"
+        )
+    allowed = nets(tuple(settings.mpesa_allowed_ips))
     if allowed:
-        peer = request.client.host if request.client else None
-        address = caller_ip(peer, request.headers.get("x-forwarded-for"), _nets(tuple(settings.trusted_proxies)))
+        address = client_address(request)
         if not is_allowed(address, allowed):
-            raise _Rejected(403, f"source address {address} is not in CDC_MPESA_ALLOWED_IPS")
+            raise _Rejected(403, f"source address {address} is not in CDC_MPESA_ALLOWED_IPS", "address_not_allowed")
     if not mpesa.token_matches(expected, str(request.path_params.get("token", ""))):
-        raise _Rejected(401, "unknown callback token")
+        raise _Rejected(401, "unknown callback token", "bad_token")
 
 
-def _rejection(provider: str, request: Request, status: int, reason: str) -> Response:
-    # The path is not logged: for M-Pesa it contains the secret token.
-    log.warning("webhook rejected: %s", reason, extra={"provider": provider, "status": status})
-    return JSONResponse({"error": reason}, status_code=status)
+def _rejection(
+    provider: str,
+    request: Request,
+    status: int,
+    message: str,
+    reason: Reason,
+    headers: dict[str, str] | None = None,
+) -> Response:
+    # Counted and logged like every refusal (the route template, never the path: for M-Pesa it holds the token).
+    rejections.record(request, status, reason, message, what="webhook", provider=provider)
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
 async def _record(
@@ -122,19 +132,19 @@ async def _record(
 ) -> Recorded | Response:
     pool = gateway_state(request).pool
     if pool is None:
-        return _rejection(provider, request, 503, "database is not available")
+        return _rejection(provider, request, 503, "database is not available", "unavailable")
     started = time.perf_counter()
     try:
         recorded = await work(pool)
     except (asyncpg.exceptions.DataError, asyncpg.exceptions.CheckViolationError) as exc:
-        return _rejection(provider, request, 400, f"body cannot be stored: {type(exc).__name__}")
+        return _rejection(provider, request, 400, f"body cannot be stored: {type(exc).__name__}", "bad_body")
     except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
         log.error("webhook not recorded (database): %s", exc, extra={"provider": provider})
-        return _rejection(provider, request, 503, "database is not available; retry later")
+        return _rejection(provider, request, 503, "database is not available; retry later", "unavailable")
     except Exception:
         # A bug must not cost a payment: 503 makes the provider deliver again once it is fixed.
         log.exception("webhook not recorded (unexpected error)", extra={"provider": provider})
-        return _rejection(provider, request, 503, "could not record the webhook; retry later")
+        return _rejection(provider, request, 503, "could not record the webhook; retry later", "unavailable")
     request.scope["cdc.webhook_outcome"] = recorded.outcome
     log.info(
         "webhook %s",
@@ -160,8 +170,16 @@ def _never_500(
         @functools.wraps(endpoint)
         async def guarded(request: Request) -> Response:
             started = time.perf_counter()
+            # First, before the body is read or a signature computed: a flood from one address stops here.
+            limiter = gateway_state(request).limits.webhooks
+            wait = limiter.take(rate_limit_key(client_address(request)))
             try:
-                response = await endpoint(request)
+                if wait is not None:
+                    headers = {"Retry-After": retry_after(wait)}
+                    message = "too many webhook requests from this address"
+                    response = _rejection(provider, request, 429, message, "rate_limited", headers)
+                else:
+                    response = await endpoint(request)
             except Exception:
                 log.exception("webhook failed unexpectedly", extra={"provider": provider})
                 response = JSONResponse({"error": "could not process the webhook; retry later"}, status_code=503)
@@ -180,16 +198,18 @@ async def paystack_webhook(request: Request) -> Response:
     try:
         secret = gateway_state(request).settings.paystack_secret_key
         if not secret:
-            raise _Rejected(503, "Paystack webhooks are not configured (CDC_PAYSTACK_SECRET_KEY is unset)")
+            raise _Rejected(
+                503, "Paystack webhooks are not configured (CDC_PAYSTACK_SECRET_KEY is unset)", "not_configured"
+            )
         body = await _read_body(request)
         if not paystack.verify(secret, body, request.headers.get("x-paystack-signature")):
-            raise _Rejected(401, "x-paystack-signature does not match the body")
+            raise _Rejected(401, "x-paystack-signature does not match the body", "bad_signature")
         doc, raw = load_json(body)
         event = paystack.parse_event(doc)
     except _Rejected as exc:
-        return _rejection(provider, request, exc.status, exc.reason)
+        return _rejection(provider, request, exc.status, exc.message, exc.reason)
     except BadPayload as exc:
-        return _rejection(provider, request, 400, str(exc))
+        return _rejection(provider, request, 400, str(exc), "bad_body")
     if isinstance(event, paystack.PaystackOther):
         log.info("webhook acknowledged, not recorded", extra={"provider": provider, "event": event.event[:100]})
         request.scope["cdc.webhook_outcome"] = "ignored"
@@ -217,9 +237,9 @@ async def mpesa_stk(request: Request) -> Response:
         doc, raw = await _mpesa_body(request)
         result = mpesa.parse_stk(doc)
     except _Rejected as exc:
-        return _rejection(provider, request, exc.status, exc.reason)
+        return _rejection(provider, request, exc.status, exc.message, exc.reason)
     except BadPayload as exc:
-        return _rejection(provider, request, 400, str(exc))
+        return _rejection(provider, request, 400, str(exc), "bad_body")
     recorded = await _record(provider, request, lambda pool: record_stk(pool, result, raw))
     return recorded if isinstance(recorded, Response) else JSONResponse(STK_ACCEPTED)
 
@@ -233,9 +253,9 @@ async def mpesa_c2b_validation(request: Request) -> Response:
         mpesa.parse_c2b(doc)
         request.scope["cdc.webhook_outcome"] = "validated"
     except _Rejected as exc:
-        return _rejection(provider, request, exc.status, exc.reason)
+        return _rejection(provider, request, exc.status, exc.message, exc.reason)
     except BadPayload as exc:
-        return _rejection(provider, request, 400, str(exc))
+        return _rejection(provider, request, 400, str(exc), "bad_body")
     return JSONResponse(C2B_ACCEPTED)
 
 
@@ -246,9 +266,9 @@ async def mpesa_c2b_confirmation(request: Request) -> Response:
         doc, raw = await _mpesa_body(request)
         payment = mpesa.parse_c2b(doc)
     except _Rejected as exc:
-        return _rejection(provider, request, exc.status, exc.reason)
+        return _rejection(provider, request, exc.status, exc.message, exc.reason)
     except BadPayload as exc:
-        return _rejection(provider, request, 400, str(exc))
+        return _rejection(provider, request, 400, str(exc), "bad_body")
     recorded = await _record(provider, request, lambda pool: record_c2b(pool, payment, raw))
     return recorded if isinstance(recorded, Response) else JSONResponse(C2B_ACCEPTED)
 

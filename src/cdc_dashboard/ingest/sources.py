@@ -35,12 +35,21 @@ def _within(address: IPAddress, nets: Sequence[IPNetwork]) -> bool:
     return any(address.version == n.version and address in n for n in nets)
 
 
-def caller_ip(peer: str | None, forwarded_for: str | None, trusted_proxies: Sequence[IPNetwork]) -> IPAddress | None:
-    """The caller's address, or None when it cannot be told (no peer, or a garbled forwarded hop)."""
+def caller_ip(
+    peer: str | None, forwarded_for: str | Sequence[str] | None, trusted_proxies: Sequence[IPNetwork]
+) -> IPAddress | None:
+    """The caller's address, or None when it cannot be told (no peer, or a garbled forwarded hop).
+
+    `forwarded_for` is the X-Forwarded-For header, or every line of it in order when it came as several lines:
+    HTTP makes repeated lines one comma-separated list, and a proxy may append its hop as a line of its own.
+    Reading only the first line would believe a hop the caller wrote (the allow-list bypass of issue 16).
+    """
     address = _address(peer) if peer else None
-    if address is None or not forwarded_for or not _within(address, trusted_proxies):
+    lines = [forwarded_for] if isinstance(forwarded_for, str) else list(forwarded_for or [])
+    hops = [hop for line in lines if line.strip() for hop in line.split(",")]
+    if address is None or not hops or not _within(address, trusted_proxies):
         return address
-    for hop in reversed(forwarded_for.split(",")):
+    for hop in reversed(hops):
         hop_address = _address(hop)
         if hop_address is None:
             return None
