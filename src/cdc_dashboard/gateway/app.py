@@ -34,7 +34,7 @@ from ..db import connect_sync, describe_url
 from ..errors import UserError
 from ..sqlfiles import queries
 from ..systemd import Notifier
-from . import figures, ops, page, rejections, streams, webhooks
+from . import figures, openapi, ops, page, rejections, streams, webhooks
 from .heap import HeapKeeper
 from .hub import Hub
 from .limits import Limits
@@ -122,7 +122,7 @@ def create_app(settings: Settings, *, with_listener: bool = False) -> Starlette:
     if not any(isinstance(f, _QuietCutFilter) for f in uvicorn_log.filters):
         uvicorn_log.addFilter(_QuietCutFilter())
     app = Starlette(
-        routes=[*streams.routes, *ops.routes, *figures.routes, *webhooks.routes, *page.routes],
+        routes=[*streams.routes, *ops.routes, *figures.routes, *webhooks.routes, *page.routes, *openapi.routes],
         middleware=_cors(settings),
         exception_handlers={HTTPException: _http_error, Exception: _server_error},
         lifespan=lifespan,
