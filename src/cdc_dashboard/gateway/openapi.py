@@ -32,14 +32,12 @@ from starlette.routing import BaseRoute, Route
 from .. import __version__
 from .. import figures as figure_queries
 from .page import STATIC_DIR
+from .streams import MAX_EVENT_ID
 from .webhooks import C2B_ACCEPTED, MAX_BODY_BYTES, STK_ACCEPTED
 
 __all__ = ["document", "routes"]
 
 Schema = dict[str, Any]
-
-# The largest id PostgreSQL's bigint holds: event ids and cursors beyond it come from no database.
-_MAX_EVENT_ID = 2**63 - 1
 
 
 def _ref(kind: str, name: str) -> Schema:
@@ -82,7 +80,7 @@ _TIME: Schema = {"type": "string", "format": "date-time"}
 _MINOR: Schema = {"type": "integer", "minimum": 0, "description": "money in minor units (cents)"}
 _CURRENCY: Schema = {"type": "string", "pattern": "^[A-Z]{3}$"}
 _PAYMENT_STATUS: Schema = {"enum": ["pending", "completed", "failed", "refunded"]}
-_EVENT_ID: Schema = {"type": "integer", "minimum": 0, "maximum": _MAX_EVENT_ID}
+_EVENT_ID: Schema = {"type": "integer", "minimum": 0, "maximum": MAX_EVENT_ID}
 
 
 def _nullable(schema: Schema) -> Schema:
@@ -221,6 +219,110 @@ _LIST_ITEMS: dict[str, Schema] = {
     ),
 }
 
+# Webhook bodies, as loosely as the parsers (cdc_dashboard.ingest) read them. Not stricter: a body that breaks
+# a rule here must be refused (the fuzzing sends such bodies and expects a 4xx). Identifiers may be numbers
+# (read as their decimal text), amounts numeric strings; fields a parser does not read are left open.
+_IDENTIFIER: Schema = {"type": ["string", "number"], "description": "text, or a whole number read as its digits"}
+_OPTIONAL_TEXT: Schema = {"type": ["string", "number", "null"]}
+_AMOUNT: Schema = {"type": ["number", "string"], "description": "a positive number, or the same as a string"}
+
+
+def _when(field: str, value: str, then: Schema) -> Schema:
+    return {"if": {"properties": {field: {"const": value}}, "required": [field]}, "then": then}
+
+
+_WEBHOOK_BODIES: dict[str, Schema] = {
+    "PaystackEvent": {
+        "type": "object",
+        "description": "a Paystack event: charge.success and refund.processed are recorded (their `data` must have "
+        "what the rules below require), any other event is acknowledged as `ignored` (docs/API.md, Webhooks)",
+        "required": ["event"],
+        "properties": {"event": {**_IDENTIFIER, "examples": ["charge.success", "refund.processed"]}},
+        "allOf": [
+            _when(
+                "event",
+                "charge.success",
+                {
+                    "required": ["data"],
+                    "properties": {
+                        "data": {
+                            "type": "object",
+                            "required": ["reference", "amount", "currency"],
+                            "properties": {
+                                "reference": _IDENTIFIER,
+                                "amount": {**_AMOUNT, "description": "subunits (kobo, cents)"},
+                                "currency": {"type": "string", "description": "ISO 4217, e.g. NGN"},
+                                "paid_at": {"description": "ISO 8601; or paidAt"},
+                                "customer": {"description": "email, phone, first_name, last_name"},
+                                "metadata": {"description": "business_id, booking_id (an object, or it as JSON)"},
+                                "subaccount": {"description": "subaccount_code: the business's"},
+                            },
+                        }
+                    },
+                },
+            ),
+            _when(
+                "event",
+                "refund.processed",
+                {
+                    "required": ["data"],
+                    "properties": {
+                        "data": {
+                            "type": "object",
+                            "required": ["transaction_reference", "refund_reference", "amount", "currency"],
+                            "properties": {
+                                "transaction_reference": _IDENTIFIER,
+                                "refund_reference": _IDENTIFIER,
+                                "amount": _AMOUNT,
+                                "currency": {"type": "string"},
+                            },
+                        }
+                    },
+                },
+            ),
+        ],
+    },
+    "MpesaStkCallback": {
+        "type": "object",
+        "description": "the STK push result Safaricom posts to CallBackURL; with ResultCode 0, CallbackMetadata.Item "
+        "holds Amount, MpesaReceiptNumber, TransactionDate (YYYYMMDDHHmmss, Kenyan time) and PhoneNumber",
+        "required": ["Body"],
+        "properties": {
+            "Body": {
+                "type": "object",
+                "required": ["stkCallback"],
+                "properties": {
+                    "stkCallback": {
+                        "type": "object",
+                        "required": ["CheckoutRequestID", "ResultCode"],
+                        "properties": {
+                            "CheckoutRequestID": _IDENTIFIER,
+                            "ResultCode": {"type": ["integer", "string"], "description": "0: paid"},
+                            "ResultDesc": _OPTIONAL_TEXT,
+                        },
+                    }
+                },
+            }
+        },
+    },
+    "MpesaC2B": {
+        "type": "object",
+        "description": "a C2B validation or confirmation request",
+        "required": ["TransID", "TransAmount", "BusinessShortCode"],
+        "properties": {
+            "TransID": _IDENTIFIER,
+            "TransAmount": {**_AMOUNT, "description": "shillings, e.g. 1500.00"},
+            "TransTime": {**_OPTIONAL_TEXT, "description": "YYYYMMDDHHmmss, Kenyan time"},
+            "BusinessShortCode": _IDENTIFIER,
+            "BillRefNumber": _OPTIONAL_TEXT,
+            "MSISDN": _OPTIONAL_TEXT,
+            "FirstName": _OPTIONAL_TEXT,
+            "MiddleName": _OPTIONAL_TEXT,
+            "LastName": _OPTIONAL_TEXT,
+        },
+    },
+}
+
 _SCHEMAS: dict[str, Schema] = {
     "Error": {
         **_object({"error": {"type": "string"}}),
@@ -286,25 +388,38 @@ _SCHEMAS: dict[str, Schema] = {
             "figures": _schema("Figures"),
         }
     ),
-    "PaystackEvent": {
+    **_WEBHOOK_BODIES,
+    "StreamEvent": {
         "type": "object",
-        "description": "a Paystack webhook event; charge.success and refund.processed are recorded, others "
-        "acknowledged (docs/API.md, Webhooks)",
-        "required": ["event", "data"],
+        "description": "one event of the stream (comments such as `: ping` and the first `retry:` are not events)",
+        "required": ["event", "id", "data"],
         "properties": {
-            "event": {"type": "string", "examples": ["charge.success", "refund.processed"]},
+            "event": {
+                "enum": ["invalidate", "resync"],
+                "description": "invalidate: refetch (or set) the query keys; resync: refetch everything",
+            },
+            "id": {"type": "string", "pattern": "^[0-9]+$", "description": "the event id, for Last-Event-ID"},
+            "retry": {"type": "integer", "minimum": 0},
             "data": {
-                "type": "object",
-                "properties": {
-                    "reference": {"type": "string"},
-                    "transaction_reference": {"type": "string"},
-                    "refund_reference": {"type": "string"},
-                    "amount": {"type": ["integer", "string"], "description": "subunits"},
-                    "currency": _CURRENCY,
-                    "paid_at": {"type": ["string", "null"]},
-                    "customer": {"type": "object"},
-                    "metadata": {"type": ["object", "string", "integer", "null"]},
-                    "subaccount": {"type": ["object", "null"]},
+                "type": "string",
+                "contentMediaType": "application/json",
+                "contentSchema": {
+                    "type": "object",
+                    "required": ["business_id"],
+                    "properties": {
+                        "business_id": _UUID,
+                        "query_keys": {
+                            "description": "TanStack query keys: [name, business id, ...]",
+                            "type": "array",
+                            "items": {"type": "array", "items": {"type": "string"}, "minItems": 2},
+                        },
+                        "changes": {"type": "array", "items": {"type": "object"}},
+                        "change_count": {"type": "integer", "minimum": 0},
+                        "payments": {"type": "array", "items": {"type": "object"}},
+                        "committed_at": _TIME,
+                        "reason": {"type": "string", "description": "e.g. manual_refresh, history_unavailable"},
+                        "figures": {"type": "object", "description": "query key -> the body GET would return"},
+                    },
                 },
             },
         },
@@ -315,58 +430,6 @@ _SCHEMAS: dict[str, Schema] = {
             "outcome": {"enum": ["recorded", "refunded", "duplicate", "unattributed", "ignored"]},
         }
     ),
-    "MpesaStkCallback": {
-        "type": "object",
-        "description": "the STK push result Safaricom posts to CallBackURL",
-        "required": ["Body"],
-        "properties": {
-            "Body": {
-                "type": "object",
-                "required": ["stkCallback"],
-                "properties": {
-                    "stkCallback": {
-                        "type": "object",
-                        "required": ["CheckoutRequestID", "ResultCode"],
-                        "properties": {
-                            "MerchantRequestID": {"type": "string"},
-                            "CheckoutRequestID": {"type": "string"},
-                            "ResultCode": {"type": ["integer", "string"]},
-                            "ResultDesc": {"type": "string"},
-                            "CallbackMetadata": {
-                                "type": "object",
-                                "properties": {
-                                    "Item": {
-                                        "type": "array",
-                                        "items": {
-                                            "type": "object",
-                                            "properties": {"Name": {"type": "string"}, "Value": {}},
-                                        },
-                                    }
-                                },
-                            },
-                        },
-                    }
-                },
-            }
-        },
-    },
-    "MpesaC2B": {
-        "type": "object",
-        "description": "a C2B validation or confirmation request",
-        "required": ["TransID", "TransAmount", "BusinessShortCode"],
-        "properties": {
-            "TransactionType": {"type": "string"},
-            "TransID": {"type": "string"},
-            "TransTime": {"type": "string", "description": "YYYYMMDDHHmmss, Kenyan time"},
-            "TransAmount": {"type": ["string", "number"], "description": "shillings, e.g. 1500.00"},
-            "BusinessShortCode": {"type": ["string", "integer"]},
-            "BillRefNumber": {"type": ["string", "null"]},
-            "MSISDN": {"type": ["string", "null"]},
-            "FirstName": {"type": ["string", "null"]},
-            "MiddleName": {"type": ["string", "null"]},
-            "LastName": {"type": ["string", "null"]},
-        },
-    },
     "MpesaStkAnswer": _object(
         {"ResultCode": {"const": STK_ACCEPTED["ResultCode"]}, "ResultDesc": {"const": STK_ACCEPTED["ResultDesc"]}}
     ),
@@ -586,7 +649,9 @@ _PATHS: dict[str, Schema] = {
                         "Cache-Control": _header("no-cache, no-transform", {"const": "no-cache, no-transform"}),
                         "X-Accel-Buffering": _header("no: proxies must not buffer", {"const": "no"}),
                     },
-                    "content": {"text/event-stream": {"schema": {"type": "string"}}},
+                    # For text/event-stream the schema describes each event (as OpenAPI 3.2's itemSchema
+                    # will): schemathesis parses the stream and checks every event against it.
+                    "content": {"text/event-stream": {"schema": _schema("StreamEvent")}},
                 },
                 # No 404: a stream for a business that has no row yet is allowed (it may be created later).
                 **_errors(400, 401, 403, 429, 503),

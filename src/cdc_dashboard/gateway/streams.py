@@ -63,7 +63,12 @@ MAX_EVENT_ID = 2**63 - 1
 
 
 def _last_event_id(request: Request) -> int | None:
-    return parse_event_id(request.headers.get("last-event-id") or request.query_params.get("last_event_id"))
+    """The header, else `?last_event_id=`; each is checked even when the header wins, so a bad value is a 400."""
+    header = parse_event_id(request.headers.get("last-event-id"))
+    query = [parse_event_id(value) for value in request.query_params.getlist("last_event_id")]
+    if header is not None:
+        return header
+    return query[-1] if query else None
 
 
 def parse_event_id(raw: str | None) -> int | None:
