@@ -111,31 +111,32 @@ def _token(who: str, target: Target, ttl: int) -> str:
 
 
 def _pick(value: object, choices: int) -> int:
-    """A choice among `choices` that depends only on the generated value: the same case aims the same way."""
+    """A choice among `choices` that depends only on the generated values: the same case aims the same way."""
     return zlib.crc32(repr(value).encode()) % choices
 
 
 def _aim(case: Case, target: Target) -> dict[str, Any]:
     """Point some generated cases past authorisation (see the module docstring); the request's extra kwargs."""
+    # The whole case decides, not one value: the coverage phase sends many cases with the same business id.
+    whole = (case.path_parameters, case.query, case.headers, case.body)
     params = case.path_parameters
     business = params.get("business_id") if params else None
-    if isinstance(business, str):
+    if params and isinstance(business, str):
         try:
             uuid.UUID(business)
         except ValueError:
             pass  # not a UUID: left for the 400
         else:
             # 0: as generated (unknown business: 403 or 404); 1: the business token's; 2: another's.
-            choice = _pick(business, 3)
+            choice = _pick(whole, 3)
             if choice:
                 params["business_id"] = target.businesses[choice - 1]
-    if params and isinstance(params.get("token"), str) and _pick(params["token"], 2) == 0:
+    if params and isinstance(params.get("token"), str) and _pick(whole, 2) == 0:
         params["token"] = MPESA_TOKEN
     if case.operation.path == "/v1/webhooks/paystack" and isinstance(case.body, dict | list | str | int | float):
         # Send the bytes we sign; schemathesis sends `data` as is instead of serialising the body itself.
         raw = json.dumps(case.body).encode()
-        signature = (case.headers or {}).get("x-paystack-signature")
-        if isinstance(signature, str) and _pick(signature, 2) == 0:
+        if isinstance((case.headers or {}).get("x-paystack-signature"), str) and _pick(whole, 2) == 0:
             case.headers = {**(case.headers or {}), "x-paystack-signature": sign(PAYSTACK_KEY, raw)}
         return {"data": raw}
     return {}

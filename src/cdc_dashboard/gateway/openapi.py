@@ -489,6 +489,14 @@ _SCHEMAS: dict[str, Schema] = {
 
 # -- parameters ----------------------------------------------------------------------------------------------
 
+
+def _or_empty(schema: Schema) -> Schema:
+    """A query parameter or header sent empty (`?limit=`, as an HTML form sends a blank field) is taken as absent."""
+    return {"anyOf": [schema, {"const": ""}]}
+
+
+_INSTANT = _or_empty({"anyOf": [{"type": "string", "format": "date"}, {"type": "string", "format": "date-time"}]})
+
 _PARAMETERS: dict[str, Schema] = {
     "BusinessId": {
         "name": "business_id",
@@ -501,7 +509,7 @@ _PARAMETERS: dict[str, Schema] = {
         "name": "limit",
         "in": "query",
         "description": f"rows per page (default {figure_queries.DEFAULT_LIMIT})",
-        "schema": {"type": "integer", "minimum": 1, "maximum": figure_queries.MAX_LIMIT},
+        "schema": _or_empty({"type": "integer", "minimum": 1, "maximum": figure_queries.MAX_LIMIT}),
     },
     "Before": {
         "name": "before",
@@ -518,33 +526,33 @@ _PARAMETERS: dict[str, Schema] = {
     "Granularity": {
         "name": "granularity",
         "in": "query",
-        "schema": {"enum": ["hour", "day", "month"], "default": "day"},
+        "schema": {"enum": ["hour", "day", "month", ""], "default": "day"},
     },
     "From": {
         "name": "from",
         "in": "query",
         "description": "inclusive start: ISO 8601 date or date-time; without an offset, the business's wall "
         "clock. Default: 24 hours, 30 days or 12 months before `to`",
-        "schema": {"anyOf": [{"type": "string", "format": "date"}, {"type": "string", "format": "date-time"}]},
+        "schema": _INSTANT,
     },
     "To": {
         "name": "to",
         "in": "query",
         "description": "exclusive end, as `from`; default now. More than "
         f"{figure_queries.MAX_BUCKETS} buckets, or `from` not before `to`: 400",
-        "schema": {"anyOf": [{"type": "string", "format": "date"}, {"type": "string", "format": "date-time"}]},
+        "schema": _INSTANT,
     },
     "LastEventIdHeader": {
         "name": "Last-Event-ID",
         "in": "header",
         "description": "resume after this event id (EventSource sends it on reconnect); not an id: 400",
-        "schema": _EVENT_ID,
+        "schema": _or_empty(_EVENT_ID),
     },
     "LastEventIdQuery": {
         "name": "last_event_id",
         "in": "query",
         "description": "as the Last-Event-ID header, for a first connection (the header wins)",
-        "schema": _EVENT_ID,
+        "schema": _or_empty(_EVENT_ID),
     },
     "MpesaToken": {
         "name": "token",
