@@ -26,8 +26,10 @@ _OPERATIONS = {"get", "put", "post", "delete", "options", "head", "patch", "trac
 @pytest.fixture
 def app() -> Starlette:
     # create_app connects to nothing until its lifespan runs, which these tests never start.
-    settings = Settings(_env_file=None, secret="s" * 40)  # type: ignore[call-arg]
-    return create_app(settings, "postgresql://unused@127.0.0.1:1/unused")
+    settings = Settings(  # type: ignore[call-arg]
+        _env_file=None, secret="s" * 40, database_url="postgresql://unused@127.0.0.1:1/unused"
+    )
+    return create_app(settings)
 
 
 def _app_operations(app: Starlette) -> set[tuple[str, str]]:

@@ -30,7 +30,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from .. import __version__
-from .. import figures as figure_queries
+from ..figures import reads as figure_queries
 from .page import STATIC_DIR
 from .streams import MAX_EVENT_ID
 from .webhooks import C2B_ACCEPTED, MAX_BODY_BYTES, STK_ACCEPTED
