@@ -14,12 +14,19 @@ The event stream never ends by itself, so its requests carry a token that expire
 gateway ends the stream then (`: token expired`), after the replay of the events after `Last-Event-ID`.
 schemathesis reads the stream to its end and checks each event against the document's event schema.
 
-Deterministic for CI: hypothesis is derandomized (same cases on every run) and has no example database.
-Budget: about a minute on two cores (`max_examples` below).
+Per operation, schemathesis runs its coverage phase (boundary and type-confusion values of every parameter,
+derived from the document) and `MAX_EXAMPLES` random cases, valid and invalid. Deterministic for CI:
+hypothesis is derandomized (the same cases every run) and keeps no example database. Budget: under a minute
+on two cores, most of it the event streams (about half a second each, waiting for their token to expire).
+
+Random generation rarely hits the edges of a type, so `test_inputs_at_the_edges_get_a_documented_answer`
+sends a table of them (year 9999 and year 1, bigint + 1, odd business id spellings, an absurd token expiry)
+through the same checks; the ones the gateway fails today are strict xfails that say why.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import time
 import uuid
@@ -28,6 +35,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import jwt
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
@@ -160,3 +168,153 @@ def test_every_response_conforms_to_the_document(case: Case[Any], target: Target
     response = case.call(base_url=target.url, headers=headers, timeout=10, **extra)
     case.validate_response(response, checks=CHECKS, headers=headers)
     assert time.monotonic() - started < 8, "a request took longer than a few seconds"
+
+
+# -- inputs at the edges ---------------------------------------------------------------------------------------
+# Sent as written, through the same checks. `expect`: the statuses the contract allows (DESIGN: 400 for any
+# parameter out of range, never a 5xx). A case the gateway fails today has `known`, why (issue 16): the xfail
+# is strict, so whoever fixes the gateway deletes the `known` and the case guards the fix from then on.
+
+_DEMO = "{demo}"  # replaced by the first demo business
+_BIG_DAY = "9999-12-31"
+
+
+@dataclass(frozen=True)
+class Edge:
+    name: str
+    path: str
+    query: dict[str, str]
+    expect: frozenset[int]
+    headers: dict[str, str] | None = None
+    business: str = _DEMO
+    token_exp: int | None = None  # a token expiring then (epoch seconds) instead of a normal one
+    body: dict[str, Any] | None = None  # POSTed (the webhooks), signed for Paystack
+    known: str | None = None
+
+
+def _cursor(at: str) -> str:
+    return base64.urlsafe_b64encode(f"{at}|{uuid.UUID(int=1)}".encode()).decode().rstrip("=")
+
+
+_REVENUE = "/v1/businesses/{business_id}/revenue"
+_PAYMENTS = "/v1/businesses/{business_id}/payments"
+_EVENTS = "/v1/businesses/{business_id}/events"
+_STATS = "/v1/businesses/{business_id}/stats"
+_C2B = "/v1/webhooks/mpesa/{token}/c2b/confirmation"
+_PAYSTACK = "/v1/webhooks/paystack"
+_400 = frozenset({400})
+
+
+def _c2b(paid: str) -> dict[str, Any]:
+    return {"TransID": f"EDGE{paid}", "TransAmount": "10.00", "TransTime": paid, "BusinessShortCode": "174379"}
+
+
+def _charge(paid: str) -> dict[str, Any]:
+    data = {"reference": f"edge-{paid}", "amount": 1000, "currency": "KES", "paid_at": paid}
+    return {"event": "charge.success", "data": {**data, "customer": {"email": "edge@example.com"}}}
+
+
+_200_OR_400 = frozenset({200, 400})
+
+# Why each known failure fails today (what a colleague fixes, then deletes the `known`).
+_OVERFLOW_TO = "500: `to` is past year 9999 once in UTC; figures/reads.py converts it with no range check"
+_OVERFLOW_HOUR = "500: the first local hour of year 1 is in year 0 in UTC (figures/reads.py _buckets)"
+_LMT_OFFSET = "200, but from/to carry the zone's 1 AD offset (+02:27:16, local mean time): not an RFC 3339 date-time"
+_CURSOR_YEAR_1 = "500: decode_cursor takes any ISO time; asyncpg cannot encode one before year 1 in UTC"
+_CURSOR_YEAR_10000 = "500: decode_cursor takes any ISO time; asyncpg cannot encode one after year 9999 in UTC"
+_RAW_SPELLING = (
+    "200: authorised (uuid.UUID reads it), then streams.py subscribes under the raw spelling, lower-cased but not "
+    "canonical, so the stream receives nothing"
+)
+_HUGE_EXP = (
+    "500: gateway/auth.py decode_token: datetime.fromtimestamp(exp) fails past year 9999 (`token --ttl` uncapped)"
+)
+
+EDGES = [
+    Edge("revenue from the last day", _REVENUE, {"from": _BIG_DAY}, _400),
+    Edge("revenue of the last month", _REVENUE, {"granularity": "month", "from": "9999-12-01"}, _200_OR_400),
+    Edge("revenue to the last hour", _REVENUE, {"granularity": "hour", "from": "9999-12-31T22:00"}, _200_OR_400),
+    Edge(
+        "revenue past year 9999 in UTC",
+        _REVENUE,
+        {"from": "9999-12-30", "to": "9999-12-31T23:00-12:00"},
+        _200_OR_400,
+        known=_OVERFLOW_TO,
+    ),
+    Edge(
+        "revenue from year 1, hourly",
+        _REVENUE,
+        {"granularity": "hour", "from": "0001-01-01", "to": "0001-01-02"},
+        _200_OR_400,
+        known=_OVERFLOW_HOUR,
+    ),
+    Edge(
+        "revenue from year 1, daily",
+        _REVENUE,
+        {"from": "0001-01-01T00:00Z", "to": "0001-01-03T00:00Z"},
+        _200_OR_400,
+        known=_LMT_OFFSET,
+    ),
+    Edge("revenue from year 1 to now", _REVENUE, {"granularity": "month", "from": "0001-01-01"}, _400),
+    Edge(
+        "cursor in year 1",
+        _PAYMENTS,
+        {"before": _cursor("0001-01-01T00:00:00+05:00")},
+        _200_OR_400,
+        known=_CURSOR_YEAR_1,
+    ),
+    Edge(
+        "cursor past year 9999 in UTC",
+        _PAYMENTS,
+        {"before": _cursor("9999-12-31T23:00:00-05:00")},
+        _200_OR_400,
+        known=_CURSOR_YEAR_10000,
+    ),
+    Edge("limit with 5000 digits", _PAYMENTS, {"limit": "9" * 5000}, _400),
+    Edge("Last-Event-ID above bigint", _EVENTS, {}, _400, headers={"Last-Event-ID": str(2**63)}),
+    Edge("last_event_id with 5000 digits", _EVENTS, {"last_event_id": "9" * 5000}, _400),
+    # The document says `format: uuid`; a gateway that canonicalises these instead changes it (and these cases).
+    Edge("business id in braces", _EVENTS, {}, _400, business="{braces}", known=_RAW_SPELLING),
+    Edge("business id without hyphens", _EVENTS, {}, _400, business="{hex}", known=_RAW_SPELLING),
+    Edge("a token that expires in year 33658", _STATS, {}, frozenset({200, 401}), token_exp=10**12, known=_HUGE_EXP),
+    Edge("C2B paid in year 9999", _C2B, {}, _200_OR_400, business=MPESA_TOKEN, body=_c2b("99991231235959")),
+    Edge("C2B paid in year 1", _C2B, {}, _200_OR_400, business=MPESA_TOKEN, body=_c2b("00010101000000")),
+    Edge("Paystack paid past year 9999 in UTC", _PAYSTACK, {}, _200_OR_400, body=_charge("9999-12-31T23:00-12:00")),
+    Edge("Paystack paid in year 1", _PAYSTACK, {}, _200_OR_400, body=_charge("0001-01-01T00:00+05:00")),
+]
+
+
+@pytest.mark.parametrize(
+    "edge",
+    [
+        pytest.param(
+            edge, id=edge.name, marks=[pytest.mark.xfail(reason=edge.known, strict=True)] if edge.known else []
+        )
+        for edge in EDGES
+    ],
+)
+def test_inputs_at_the_edges_get_a_documented_answer(edge: Edge, target: Target) -> None:
+    demo = target.businesses[0]
+    spelled = {_DEMO: demo, "{braces}": f"{{{demo}}}", "{hex}": uuid.UUID(demo).hex}
+    if edge.token_exp is None:
+        token = _token("admin", target, 1)  # 1 s: a stream ends then
+    else:
+        claims = {"iss": "cdc-dashboard", "sub": "admin", "businesses": [], "admin": True, "iat": int(time.time())}
+        token = jwt.encode({**claims, "exp": edge.token_exp}, SECRET, algorithm="HS256")
+    headers = {"Authorization": f"Bearer {token}", **(edge.headers or {})}
+    extra: dict[str, Any] = {}
+    if edge.body is None:
+        operation = SCHEMA[edge.path]["GET"]
+        case = operation.Case(path_parameters={"business_id": spelled.get(edge.business, edge.business)})
+    else:
+        raw = json.dumps(edge.body).encode()
+        extra["data"] = raw
+        headers |= {"Content-Type": "application/json", "x-paystack-signature": sign(PAYSTACK_KEY, raw)}
+        operation = SCHEMA[edge.path]["POST"]
+        case = operation.Case(
+            path_parameters={"token": edge.business} if "{token}" in edge.path else {}, body=edge.body
+        )
+    case.query = dict(edge.query)
+    response = case.call(base_url=target.url, headers=headers, timeout=10, **extra)
+    assert response.status_code in edge.expect, response.text[:300]
+    case.validate_response(response, checks=CHECKS, headers=headers)
