@@ -37,6 +37,7 @@ from typing import Any
 
 import jwt
 import pytest
+import requests
 import schemathesis
 from hypothesis import HealthCheck, settings
 from schemathesis import Case
@@ -104,7 +105,12 @@ def target(admin_url: str, template_db: str) -> Iterator[Target]:
         port = free_port()
         env = {"CDC_PAYSTACK_SECRET_KEY": PAYSTACK_KEY, "CDC_MPESA_CALLBACK_TOKEN": MPESA_TOKEN}
         with serve_subprocess(db_url, port, **env):
-            yield Target(f"http://127.0.0.1:{port}", businesses)
+            url = f"http://127.0.0.1:{port}"
+            # A refresh appends an invalidation: the streams then have events to replay (and to check).
+            admin = {"Authorization": f"Bearer {create_token(SECRET, [], 600, admin=True)}"}
+            for business in businesses[:2]:
+                requests.post(f"{url}/v1/businesses/{business}/refresh", headers=admin, timeout=10).raise_for_status()
+            yield Target(url, businesses)
     finally:
         drop_database(admin_url, name)
 
@@ -218,6 +224,7 @@ _200_OR_400 = frozenset({200, 400})
 
 # Why each known failure fails today (what a colleague fixes, then deletes the `known`).
 _OVERFLOW_TO = "500: `to` is past year 9999 once in UTC; figures/reads.py converts it with no range check"
+_MONTH_10000 = "500: figures/reads.py revenue_series asks for the month after the last bucket: year 10000"
 _OVERFLOW_HOUR = "500: the first local hour of year 1 is in year 0 in UTC (figures/reads.py _buckets)"
 _LMT_OFFSET = "200, but from/to carry the zone's 1 AD offset (+02:27:16, local mean time): not an RFC 3339 date-time"
 _CURSOR_YEAR_1 = "500: decode_cursor takes any ISO time; asyncpg cannot encode one before year 1 in UTC"
@@ -232,8 +239,19 @@ _HUGE_EXP = (
 
 EDGES = [
     Edge("revenue from the last day", _REVENUE, {"from": _BIG_DAY}, _400),
-    Edge("revenue of the last month", _REVENUE, {"granularity": "month", "from": "9999-12-01"}, _200_OR_400),
-    Edge("revenue to the last hour", _REVENUE, {"granularity": "hour", "from": "9999-12-31T22:00"}, _200_OR_400),
+    Edge(
+        "revenue of the last month",
+        _REVENUE,
+        {"granularity": "month", "from": "9999-11-01", "to": "9999-12-31T12:00"},
+        _200_OR_400,
+        known=_MONTH_10000,
+    ),
+    Edge(
+        "revenue to the last hour",
+        _REVENUE,
+        {"granularity": "hour", "from": "9999-12-31T20:00", "to": "9999-12-31T23:59:59.999999"},
+        _200_OR_400,
+    ),
     Edge(
         "revenue past year 9999 in UTC",
         _REVENUE,
@@ -272,6 +290,9 @@ EDGES = [
     ),
     Edge("limit with 5000 digits", _PAYMENTS, {"limit": "9" * 5000}, _400),
     Edge("Last-Event-ID above bigint", _EVENTS, {}, _400, headers={"Last-Event-ID": str(2**63)}),
+    # Replays the refresh events of the fixture: each is checked against the document's event schema.
+    Edge("stream from the first event", _EVENTS, {"last_event_id": "0"}, frozenset({200})),
+    Edge("stream from past the newest event", _EVENTS, {}, frozenset({200}), headers={"Last-Event-ID": str(2**62)}),
     Edge("last_event_id with 5000 digits", _EVENTS, {"last_event_id": "9" * 5000}, _400),
     # The document says `format: uuid`; a gateway that canonicalises these instead changes it (and these cases).
     Edge("business id in braces", _EVENTS, {}, _400, business="{braces}", known=_RAW_SPELLING),
