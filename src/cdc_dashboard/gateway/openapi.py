@@ -8,7 +8,7 @@ Why Python data and not a checked-in openapi.json/YAML file, nor generated from 
 - here the document reads top to bottom like the YAML one would write by hand, the repetitive parts are small
   functions (`_errors`, `_list_path`), and the numbers come from the code that enforces them.
 
-What keeps it true (tests/integration/test_openapi.py and test_api_fuzz.py): every route of the app is in the
+What keeps it true (tests/unit/test_openapi.py, tests/integration/test_api_fuzz.py): every route of the app is in the
 document and every path of the document is a route, methods included; the document validates against the
 OpenAPI 3.1 schema; and schemathesis fuzzes every operation against a live gateway and checks each response's
 status, content type, headers and body against it. Change an endpoint, change this file.
@@ -55,8 +55,9 @@ def _json(schema: Schema, description: str, headers: dict[str, Any] | None = Non
     return response
 
 
-def _header(description: str, schema: Schema | None = None, *, required: bool = True) -> Schema:
-    return {"description": description, "required": required, "schema": schema or {"type": "string"}}
+def _header(description: str, schema: Schema | None = None) -> Schema:
+    """A response header the gateway always sends."""
+    return {"description": description, "required": True, "schema": schema or {"type": "string"}}
 
 
 def _errors(*statuses: int) -> dict[str, Any]:
@@ -79,7 +80,11 @@ _UUID: Schema = {"type": "string", "format": "uuid"}
 _TIME: Schema = {"type": "string", "format": "date-time"}
 _MINOR: Schema = {"type": "integer", "minimum": 0, "description": "money in minor units (cents)"}
 _CURRENCY: Schema = {"type": "string", "pattern": "^[A-Z]{3}$"}
+# The values the tables' CHECK constraints allow (sql/schema/10_base_tables.sql).
 _PAYMENT_STATUS: Schema = {"enum": ["pending", "completed", "failed", "refunded"]}
+_METHOD: Schema = {"enum": ["mpesa", "paystack", "card", "cash", "bank_transfer", "other"]}
+_BOOKING_STATUS: Schema = {"enum": ["pending", "confirmed", "completed", "cancelled", "no_show"]}
+_BOOKING_PAYMENT_STATUS: Schema = {"enum": ["unpaid", "pending", "partially_paid", "paid", "refunded"]}
 _EVENT_ID: Schema = {"type": "integer", "minimum": 0, "maximum": MAX_EVENT_ID}
 
 
@@ -87,14 +92,9 @@ def _nullable(schema: Schema) -> Schema:
     return {"anyOf": [schema, {"type": "null"}]}
 
 
-def _object(properties: dict[str, Schema], *, optional: tuple[str, ...] = ()) -> Schema:
-    """A closed object: every property but `optional` is required and nothing else may appear."""
-    return {
-        "type": "object",
-        "properties": properties,
-        "required": [name for name in properties if name not in optional],
-        "additionalProperties": False,
-    }
+def _object(properties: dict[str, Schema]) -> Schema:
+    """A closed object: every property is there (null where a value may be missing), nothing else is."""
+    return {"type": "object", "properties": properties, "required": list(properties), "additionalProperties": False}
 
 
 def _counts(description: str) -> Schema:
@@ -149,7 +149,7 @@ _LIST_ITEMS: dict[str, Schema] = {
             "amount_minor": _MINOR,
             "refunded_minor": _MINOR,
             "currency": _CURRENCY,
-            "method": {"type": "string"},
+            "method": _METHOD,
             "status": _PAYMENT_STATUS,
             "client_id": _nullable(_UUID),
             "client_name": _nullable({"type": "string"}),
@@ -169,7 +169,7 @@ _LIST_ITEMS: dict[str, Schema] = {
             "amount_minor": _MINOR,
             "refunded_minor": _MINOR,
             "currency": _CURRENCY,
-            "method": {"type": "string"},
+            "method": _METHOD,
             "status": _PAYMENT_STATUS,
             "provider": _nullable({"type": "string"}),
             "provider_reference": _nullable({"type": "string"}),
@@ -210,8 +210,8 @@ _LIST_ITEMS: dict[str, Schema] = {
             "client_name": _nullable({"type": "string"}),
             "amount_due_minor": _MINOR,
             "currency": _CURRENCY,
-            "status": {"type": "string"},
-            "payment_status": {"type": "string"},
+            "status": _BOOKING_STATUS,
+            "payment_status": _BOOKING_PAYMENT_STATUS,
             "starts_at": _nullable(_TIME),
             "created_at": _TIME,
             "updated_at": _TIME,
@@ -526,6 +526,7 @@ _PARAMETERS: dict[str, Schema] = {
     "Granularity": {
         "name": "granularity",
         "in": "query",
+        "description": "bucket size, in the business's timezone; absent or empty: day",
         "schema": {"enum": ["hour", "day", "month", ""], "default": "day"},
     },
     "From": {
