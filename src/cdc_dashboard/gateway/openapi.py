@@ -77,6 +77,7 @@ def _errors(*statuses: int) -> dict[str, Any]:
 # -- schemas -------------------------------------------------------------------------------------------------
 
 _UUID: Schema = {"type": "string", "format": "uuid"}
+_CANONICAL_UUID = "^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
 _TIME: Schema = {"type": "string", "format": "date-time"}
 _MINOR: Schema = {"type": "integer", "minimum": 0, "description": "money in minor units (cents)"}
 _CURRENCY: Schema = {"type": "string", "pattern": "^[A-Z]{3}$"}
@@ -502,8 +503,17 @@ _PARAMETERS: dict[str, Schema] = {
         "name": "business_id",
         "in": "path",
         "required": True,
-        "description": "the business's UUID; anything else is a 400 (after the token is checked)",
-        "schema": _UUID,
+        "description": "the business's UUID, lower case with hyphens (the spelling events and bodies carry); any "
+        "other spelling, or not a UUID, is a 400 (after the token is checked)",
+        "schema": {**_UUID, "pattern": _CANONICAL_UUID},
+    },
+    "PageBusinessId": {
+        "name": "business_id",
+        "in": "path",
+        "required": True,
+        "description": "the business's UUID in any spelling (links get pasted and retyped: upper case, braces, "
+        "no hyphens); the page then uses the canonical one. Not a UUID: the 400 page",
+        "schema": {"type": "string"},
     },
     "Limit": {
         "name": "limit",
@@ -728,7 +738,7 @@ _PATHS: dict[str, Schema] = {
         "mpesaC2bConfirmation", "M-Pesa C2B confirmation: records the payment", "MpesaC2B", "MpesaC2BAnswer"
     ),
     "/dashboard/{business_id}": {
-        "parameters": [_BUSINESS_ID],
+        "parameters": [_ref("parameters", "PageBusinessId")],
         "get": {
             "operationId": "dashboardPage",
             "summary": "the live dashboard page; a bad link gets an HTML error page",
