@@ -438,16 +438,20 @@ _SCHEMAS: dict[str, Schema] = {
         {"ResultCode": {"const": C2B_ACCEPTED["ResultCode"]}, "ResultDesc": {"const": C2B_ACCEPTED["ResultDesc"]}}
     ),
     "Health": _object({"status": {"const": "ok"}}),
-    "Readiness": _object(
-        {
+    "Readiness": {
+        "type": "object",
+        "required": ["status", "checks"],
+        "additionalProperties": False,
+        "properties": {
             "status": {"enum": ["ready", "not ready"]},
             "checks": {
                 "type": "object",
                 "description": "database, listening, not_draining, and listener with --with-listener",
                 "additionalProperties": {"type": "boolean"},
             },
-        }
-    ),
+            "error": {"type": "string", "description": "when not ready: which checks fail"},
+        },
+    },
     "Status": {
         "type": "object",
         "description": "troubleshooting state (docs/API.md, Operations); `database` is `ok` or why not",
@@ -810,7 +814,11 @@ _PATHS: dict[str, Schema] = {
             "security": [],
             "responses": {
                 "200": _json(_schema("Readiness"), "ready"),
-                "503": _json(_schema("Readiness"), "not ready: the failing checks are false"),
+                "503": _json(
+                    _schema("Readiness"),
+                    "not ready: the failing checks are false",
+                    {"Retry-After": {**_RETRY_AFTER, "required": False}},
+                ),
             },
         }
     },
@@ -834,7 +842,15 @@ _PATHS: dict[str, Schema] = {
             "summary": "troubleshooting state: gateway, listener bookkeeping, dead letters",
             "tags": ["operations"],
             "security": _BEARER,
-            "responses": {"200": _json(_schema("Status"), "the state"), **_errors(401, 403)},
+            "responses": {
+                "200": _json(_schema("Status"), "the state"),
+                **_errors(401, 403),
+                "503": _json(
+                    _schema("Status"),
+                    "the database cannot be read: the same body, `database` says why",
+                    {"Retry-After": _RETRY_AFTER},
+                ),
+            },
         }
     },
     "/openapi.json": {
