@@ -59,13 +59,16 @@ def figure_differences(before: dict[str, Any], after: dict[str, Any]) -> dict[st
     }
 
 
-async def _rebuild_in_transaction(conn: AsyncConnection, ids: list[uuid.UUID], report: RebuildReport) -> None:
+async def _rebuild_in_transaction(
+    conn: AsyncConnection, ids: list[uuid.UUID], report: RebuildReport, timeout: float | None = None
+) -> None:
     """Rebuild these businesses and emit their invalidations, in the caller's transaction. A business outside
-    `ids` whose figures the rebuild also repaired (a payment or booking moved to or from it) gets one too."""
+    `ids` whose figures the rebuild also repaired (a payment or booking moved to or from it) gets one too.
+    `timeout` bounds the rebuild statement (None: the connection's own command timeout)."""
     q = queries("figures")
     extra: list[str] = []
     chunk = {str(b) for b in ids}
-    for r in await conn.fetch(q["rebuild"], ids):
+    for r in await conn.fetch(q["rebuild"], ids, timeout=timeout):
         business = str(r["business_id"])
         if business not in chunk and business not in extra:
             extra.append(business)
@@ -76,17 +79,21 @@ async def _rebuild_in_transaction(conn: AsyncConnection, ids: list[uuid.UUID], r
     report.businesses += len(ids)
 
 
-async def refresh(conn: AsyncConnection, business_id: uuid.UUID) -> dict[str, Any] | None:
+async def refresh(
+    conn: AsyncConnection, business_id: uuid.UUID, *, rebuild_timeout: float | None = None
+) -> dict[str, Any] | None:
     """Recompute one business from the base tables and emit an invalidation, in one transaction.
 
     Returns what was repaired (rows per rollup, figures before and after), or None for an unknown business.
+    `rebuild_timeout` bounds the rebuild statement alone: on a large business it runs for seconds, longer than
+    the gateway allows its other statements.
     """
     async with conn.transaction():
         before = await stats(conn, business_id)
         if before is None:
             return None
         report = RebuildReport()
-        await _rebuild_in_transaction(conn, [business_id], report)
+        await _rebuild_in_transaction(conn, [business_id], report, rebuild_timeout)
         after = await stats(conn, business_id)
         assert after is not None
     rows = report.repaired.get(str(business_id), {})

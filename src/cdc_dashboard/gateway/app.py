@@ -5,7 +5,8 @@ modules, and keeps what they share in one `GatewayState` (gateway/state.py). Its
 starts the hub (one LISTEN connection for the whole process) and, with `with_listener`, the listener in the same
 process.
 
-Errors: an HTTPException becomes `{"error": reason}` with its status; anything else is a 500 with
+Errors: an HTTPException becomes `{"error": reason}` with its status; a database that cannot be reached or does
+not answer a 503 with `Retry-After` (gateway/database.py); anything else is a 500 with
 `{"error": "internal error"}` (the traceback goes to the log, never to the client).
 """
 
@@ -35,6 +36,15 @@ from ..errors import UserError
 from ..sqlfiles import queries
 from ..systemd import Notifier
 from . import figures, openapi, ops, page, rejections, streams, webhooks
+from .database import (
+    UNAVAILABLE_MESSAGE,
+    DatabaseUnavailable,
+    OneLineOutages,
+    create_pool,
+    describe_error,
+    is_unavailable,
+    outage_retry_after,
+)
 from .heap import HeapKeeper
 from .hub import Hub
 from .limits import Limits
@@ -49,6 +59,13 @@ log = logging.getLogger(__name__)
 # with the lifespan shutdown after it the process exits well within 10 s of SIGTERM.
 GRACEFUL_SHUTDOWN_SECONDS = 5
 _CLOSE_TIMEOUT = 2.0
+_DATABASE_ERRORS: tuple[type[Exception], ...] = (
+    DatabaseUnavailable,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    OSError,
+    TimeoutError,
+)
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
@@ -56,6 +73,16 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     # Every refusal is counted and logged here, once (the webhooks have their own path to `record`).
     rejections.record(request, exc.status_code, rejections.reason_of(exc), str(exc.detail))
     return JSONResponse({"error": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+
+
+async def _database_unavailable(request: Request, exc: Exception) -> Response:
+    """DatabaseUnavailable (gateway/database.py), and connection-class errors raised outside `borrow`: a 503
+    with Retry-After, counted and logged as one refusal (no traceback: the cause is the database, not code)."""
+    if not isinstance(exc, DatabaseUnavailable) and not is_unavailable(exc):
+        raise exc  # a bug of the same class: _server_error logs it with its traceback, a 500
+    cause = exc.__cause__ if isinstance(exc, DatabaseUnavailable) and exc.__cause__ is not None else exc
+    rejections.record(request, 503, "unavailable", UNAVAILABLE_MESSAGE, error=describe_error(cause))
+    return JSONResponse({"error": UNAVAILABLE_MESSAGE}, status_code=503, headers={"Retry-After": outage_retry_after()})
 
 
 async def _server_error(request: Request, exc: Exception) -> Response:
@@ -94,7 +121,7 @@ def create_app(settings: Settings, *, with_listener: bool = False) -> Starlette:
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         state.listener = None
         state.fatal = None
-        state.pool = await asyncpg.create_pool(database_url, min_size=1, max_size=10, timeout=10, command_timeout=30)
+        state.pool = await create_pool(database_url)
         listener_task: asyncio.Task[None] | None = None
         # Open streams are long-lived objects: keep the garbage collector from walking them on every broadcast.
         heap = HeapKeeper()
@@ -121,10 +148,19 @@ def create_app(settings: Settings, *, with_listener: bool = False) -> Starlette:
     uvicorn_log = logging.getLogger("uvicorn.error")
     if not any(isinstance(f, _QuietCutFilter) for f in uvicorn_log.filters):
         uvicorn_log.addFilter(_QuietCutFilter())
+    pool_log = logging.getLogger("asyncpg.pool")
+    if not any(isinstance(f, OneLineOutages) for f in pool_log.filters):
+        pool_log.addFilter(OneLineOutages())
     app = Starlette(
         routes=[*streams.routes, *ops.routes, *figures.routes, *webhooks.routes, *page.routes, *openapi.routes],
         middleware=_cors(settings),
-        exception_handlers={HTTPException: _http_error, Exception: _server_error},
+        exception_handlers={
+            HTTPException: _http_error,
+            # Connection-class errors become a 503 wherever they are raised (_database_unavailable tells them
+            # apart from bugs of the same classes, which it sends on to _server_error).
+            **dict.fromkeys(_DATABASE_ERRORS, _database_unavailable),
+            Exception: _server_error,
+        },
         lifespan=lifespan,
     )
     # No trailing-slash redirects: starlette builds their Location from the Host header, so a forged Host would

@@ -22,6 +22,7 @@ from starlette.routing import BaseRoute, Route
 from ..db import AsyncConnection
 from ..figures import reads, rebuild
 from .auth import authorize
+from .database import REFRESH_SECONDS
 from .limits import retry_after
 from .rejections import Rejected
 from .state import gateway_state
@@ -67,7 +68,7 @@ def _respond(request: Request, body: dict[str, Any] | None, what: str = "busines
 
 async def _with_conn(request: Request, work: Callable[[AsyncConnection], Awaitable[dict[str, Any] | None]]) -> Response:
     try:
-        async with gateway_state(request).database().acquire() as conn:
+        async with gateway_state(request).connection() as conn:
             body = await work(conn)
     except reads.BadRequest as exc:
         raise HTTPException(400, str(exc)) from None
@@ -139,8 +140,10 @@ async def refresh(request: Request) -> Response:
             headers={"Retry-After": retry_after(left)},
         )
     try:
-        async with state.database().acquire() as conn:
-            report = await rebuild.refresh(conn, business_id)
+        async with state.connection() as conn:
+            # The rebuild of a large business may take seconds: it alone gets the longer bound; the reads
+            # around it keep the pool's, so a dead database still answers 503 within seconds.
+            report = await rebuild.refresh(conn, business_id, rebuild_timeout=REFRESH_SECONDS)
     except BaseException:
         cooldown.forget(str(business_id))  # nothing was refreshed: a retry may run at once
         raise

@@ -40,6 +40,10 @@ log = logging.getLogger(__name__)
 CHANNEL = "dashboard_events_v1"
 SEP = "\n"
 _BATCH = 1000
+_COMMAND_TIMEOUT = 5.0
+_CONNECT_TIMEOUT = 5.0
+# Loading the latest events into memory at start-up reads up to `recent_events` (10,000) payloads at once.
+_LOAD_RECENT_TIMEOUT = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -284,7 +288,9 @@ class Hub:
     # -- the LISTEN loop -----------------------------------------------------------------------------------
 
     async def _run(self) -> None:
-        backoff = Backoff(initial=0.1, cap=10.0)
+        # Capped at 5 s: after an outage the streams get what was committed meanwhile within seconds of the
+        # database's return (jitter still spreads the gateways' reconnects).
+        backoff = Backoff(initial=0.1, cap=5.0)
         sql = queries("gateway")
         first = True
         while not self._stopping:
@@ -333,8 +339,14 @@ class Hub:
 
     async def _connect(self) -> None:
         await self._close_conn()
+        # A catch-up reads at most _BATCH events by primary key, milliseconds: one that takes _COMMAND_TIMEOUT
+        # means a dead or frozen path, so the hub reconnects within about probe_seconds + that, and the streams
+        # get what was committed meanwhile from the catch-up after the reconnect.
         conn = await connect_dedicated(
-            self._url, application_name=f"cdc-dashboard gateway {self.node}", command_timeout=30
+            self._url,
+            application_name=f"cdc-dashboard gateway {self.node}",
+            command_timeout=_COMMAND_TIMEOUT,
+            timeout=_CONNECT_TIMEOUT,
         )
         self._conn = conn
         conn.add_termination_listener(self._on_terminated)
@@ -370,7 +382,8 @@ class Hub:
     async def _load_recent(self) -> None:
         assert self._conn is not None
         maxlen = self._recent.maxlen or 0
-        rows = await self._conn.fetch(queries("gateway")["hub_recent"], self.position, maxlen) if maxlen else []
+        sql = queries("gateway")["hub_recent"]
+        rows = await self._conn.fetch(sql, self.position, maxlen, timeout=_LOAD_RECENT_TIMEOUT) if maxlen else []
         self._recent.clear()
         self._recent.extend(_event(row) for row in reversed(rows))
         # Conservative: ids below the oldest loaded one may have been pruned, so memory starts just before it.

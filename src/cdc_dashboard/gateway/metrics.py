@@ -47,6 +47,11 @@ class GatewayMetrics:
             "listener lag: from the event's append to its dispatch by this gateway, for the latest event",
             registry=self.registry,
         )
+        self.database_up = Gauge(
+            "cdc_database_up",
+            "1 when this scrape could read the database, 0 when not (the gauges read at scrape are then NaN)",
+            registry=self.registry,
+        )
         self.listener_backlog = Gauge(
             "cdc_listener_backlog",
             "captured changes not yet turned into events (read at scrape; exact up to 10000, above that an upper "

@@ -6,16 +6,19 @@ rather than reading loose attributes off `app.state`.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import asyncpg
+from asyncpg.pool import PoolConnectionProxy
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import HTTPConnection
 
 from ..config import Settings
+from .database import borrow
 from .hub import Hub
 from .limits import Limits
 from .metrics import GatewayMetrics
@@ -42,10 +45,18 @@ class GatewayState:
     on_fatal: Callable[[], None] | None = None
 
     def database(self) -> asyncpg.Pool:
-        """The pool, or a 503 that asks the client to come back (the gateway is starting or stopping)."""
+        """The pool, or a 503 that asks the client to come back (the gateway is starting or stopping).
+
+        Routes borrow with `connection()` instead: it bounds the wait and turns an outage into a 503."""
         if self.pool is None:
             raise HTTPException(503, "database is not available", headers={"Retry-After": "1"})
         return self.pool
+
+    @contextlib.asynccontextmanager
+    async def connection(self) -> AsyncIterator[PoolConnectionProxy]:
+        """A pooled connection, or DatabaseUnavailable (a 503) within a few seconds (gateway/database.py)."""
+        async with borrow(self.pool) as conn:
+            yield conn
 
 
 def gateway_state(where: Starlette | HTTPConnection) -> GatewayState:

@@ -30,6 +30,7 @@ from starlette.routing import BaseRoute, Route
 from ..sqlfiles import queries
 from .addresses import client_address, rate_limit_key
 from .auth import TokenClaims, authorize
+from .database import DatabaseUnavailable
 from .eventstream import EventStreamResponse
 from .hub import SEP, HubEvent, Subscriber, encode_event
 from .limits import retry_after
@@ -45,7 +46,6 @@ RETRY_MS = 2000
 # On SIGTERM streams end with a retry drawn from this range (ms), spreading the reconnects.
 DRAIN_RETRY_MS = (1000, 5000)
 _REPLAY_PAGE = 500
-_POOL_TIMEOUT = 5.0
 PING = ServerSentEvent(comment="ping", sep=SEP).encode()
 SSE_HEADERS = {"Cache-Control": "no-cache, no-transform", "X-Accel-Buffering": "no"}
 
@@ -89,6 +89,7 @@ async def _events(
     last_id: int | None,
     start: int,
     recent: list[HubEvent] | None,
+    first_page: list[asyncpg.Record] | None,
 ) -> AsyncGenerator[bytes, None]:
     state = gateway_state(request)
     metrics = state.metrics
@@ -101,15 +102,16 @@ async def _events(
             metrics.events_replayed.inc()
             metrics.events_sent.inc()
             yield event.encoded
-    elif last_id is not None:
+    elif last_id is not None and first_page is not None:
         try:
-            async for frame, event_id in _replay(request, sub.business_id, last_id, start):
+            async for frame, event_id in _replay(request, sub.business_id, last_id, start, first_page):
                 sent = event_id
                 metrics.events_sent.inc()
                 yield frame
-        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-            # The database is unreachable: end the stream; the client retries from the last id it received.
-            log.warning("replay failed; ending the stream", extra={"error": f"{type(exc).__name__}: {exc}"})
+        except DatabaseUnavailable as exc:
+            # The database went away after the first page (that one was read before the 200): end the stream;
+            # the client retries from the last id it received.
+            log.warning("replay failed; ending the stream", extra={"error": str(exc.__cause__ or exc)})
             return
     loop = asyncio.get_running_loop()
     # Loop time of the token's expiry: the stream ends then.
@@ -141,15 +143,21 @@ async def _events(
             yield PING
 
 
-async def _replay(request: Request, business_id: str, last_id: int, start: int) -> AsyncIterator[tuple[bytes, int]]:
-    """The retained events of the business after `last_id`; a resync first when history was pruned."""
-    state = gateway_state(request)
-    metrics = state.metrics
-    sql = queries("gateway")["stream_replay"]
+async def _replay_page(request: Request, business_id: str, after: int) -> list[asyncpg.Record]:
+    """One page of the business's retained events after id `after`; DatabaseUnavailable when it cannot be read."""
+    async with gateway_state(request).connection() as conn:
+        return await conn.fetch(queries("gateway")["stream_replay"], after, business_id, _REPLAY_PAGE)
+
+
+async def _replay(
+    request: Request, business_id: str, last_id: int, start: int, first_page: list[asyncpg.Record]
+) -> AsyncIterator[tuple[bytes, int]]:
+    """The retained events of the business after `last_id`, from `first_page` (read before the response
+    started) on; a resync first when history was pruned."""
+    metrics = gateway_state(request).metrics
     position = last_id
+    rows = first_page
     while True:
-        async with state.database().acquire(timeout=_POOL_TIMEOUT) as conn:
-            rows = await conn.fetch(sql, position, business_id, _REPLAY_PAGE)
         pruned_through, newest = rows[0]["pruned_through"], rows[0]["last_event_id"]
         if position < pruned_through or position > max(newest, start):
             # History after `position` is gone, or the id is from another database: the client refetches
@@ -166,6 +174,7 @@ async def _replay(request: Request, business_id: str, last_id: int, start: int) 
             position = row["id"]
         if len(events) < _REPLAY_PAGE:
             return
+        rows = await _replay_page(request, business_id, position)
 
 
 async def stream_events(request: Request) -> Response:
@@ -206,9 +215,18 @@ async def stream_events(request: Request) -> Response:
     # In the same step as the subscription (no await between): memory holds (last_id, start], the subscriber
     # everything after `start`.
     recent = hub.recent_after(business_id, last_id) if last_id is not None else None
+    first_page: list[asyncpg.Record] | None = None
+    if last_id is not None and recent is None:
+        # The replay's first page is read before the response starts, so that a database outage answers 503
+        # (with Retry-After) rather than a 200 that ends at once; the subscriber already buffers what comes live.
+        try:
+            first_page = await _replay_page(request, business_id, last_id)
+        except BaseException:
+            ended()
+            raise
     # Heartbeats, expiry and the SIGTERM drain come from the body's own wait (above), not from tasks per
     # connection: a task per connection costs memory and CPU that every open dashboard multiplies.
-    body = _events(request, sub, claims, last_id, start, recent)
+    body = _events(request, sub, claims, last_id, start, recent, first_page)
     return EventStreamResponse(body, sub, on_end=ended, headers=SSE_HEADERS)
 
 

@@ -29,6 +29,7 @@ from ..ingest.sources import is_allowed
 from ..ingest.wire import BadPayload, load_json
 from . import rejections
 from .addresses import client_address, nets, rate_limit_key
+from .database import describe_error, outage_retry_after
 from .limits import retry_after
 from .rejections import Reason
 from .state import gateway_state
@@ -121,9 +122,12 @@ def _rejection(
     message: str,
     reason: Reason,
     headers: dict[str, str] | None = None,
+    error: str | None = None,
 ) -> Response:
     # Counted and logged like every refusal (the route template, never the path: for M-Pesa it holds the token).
-    rejections.record(request, status, reason, message, what="webhook", provider=provider)
+    # `error` (the log's, never the client's) is what went wrong underneath, e.g. the database error of a 503.
+    fields: dict[str, object] = {"provider": provider} if error is None else {"provider": provider, "error": error}
+    rejections.record(request, status, reason, message, what="webhook", **fields)
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
@@ -132,15 +136,17 @@ async def _record(
 ) -> Recorded | Response:
     pool = gateway_state(request).pool
     if pool is None:
-        return _rejection(provider, request, 503, "database is not available", "unavailable")
+        retry = {"Retry-After": outage_retry_after()}
+        return _rejection(provider, request, 503, "database is not available", "unavailable", retry)
     started = time.perf_counter()
     try:
         recorded = await work(pool)
     except (asyncpg.exceptions.DataError, asyncpg.exceptions.CheckViolationError) as exc:
         return _rejection(provider, request, 400, f"body cannot be stored: {type(exc).__name__}", "bad_body")
     except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
-        log.error("webhook not recorded (database): %s", exc, extra={"provider": provider})
-        return _rejection(provider, request, 503, "database is not available; retry later", "unavailable")
+        retry = {"Retry-After": outage_retry_after()}
+        message = "database is not available; retry later"
+        return _rejection(provider, request, 503, message, "unavailable", retry, describe_error(exc))
     except Exception:
         # A bug must not cost a payment: 503 makes the provider deliver again once it is fixed.
         log.exception("webhook not recorded (unexpected error)", extra={"provider": provider})

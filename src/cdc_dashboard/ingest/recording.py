@@ -19,6 +19,7 @@ with a null business and payment: it is in no business's figures.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
@@ -90,6 +91,12 @@ async def _in_transaction(
                 if attempt == _ATTEMPTS:
                     raise
                 log.info("ingest: retrying after %s", type(exc).__name__, extra={"attempt": attempt})
+            except TimeoutError:
+                # A statement timed out: the path to the server is dead or frozen. Returning the connection to
+                # the pool would first wait for a cancellation the server may never acknowledge; drop it now.
+                with contextlib.suppress(asyncpg.InterfaceError):  # already closed and handed back to the pool
+                    conn.terminate()
+                raise
     raise AssertionError("unreachable")
 
 
