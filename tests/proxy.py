@@ -1,7 +1,9 @@
 """A TCP proxy that can silently freeze its connections: the network failure TCP does not report.
 
 A frozen connection stays open but forwards nothing, like a peer behind a dead NAT or a pulled cable. New
-connections after a freeze work normally, so a client that notices and reconnects recovers.
+connections after `freeze_existing` work normally, so a client that notices and reconnects recovers. For an
+outage that lasts: `cut()` (the database went away: every connection closed, new ones closed at once) and
+`freeze()` (the path died: every connection, new ones included, silent), until `restore()`.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 __all__ = ["FreezableProxy", "freezable_proxy"]
@@ -21,6 +23,9 @@ class FreezableProxy:
         self.port = 0
         self._live: list[asyncio.Event] = []
         self._writers: list[asyncio.StreamWriter] = []
+        # What a new connection gets: "open" (forwarded), "cut" (closed at once), "frozen" (accepted, silent).
+        self._mode = "open"
+        self._pairs: list[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = []
         self._loop = asyncio.new_event_loop()
         self._started = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -43,8 +48,17 @@ class FreezableProxy:
         self._loop.close()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._mode == "cut":
+            writer.close()
+            return
+        self._writers.append(writer)
+        if self._mode == "frozen":
+            with contextlib.suppress(asyncio.CancelledError):  # stopped: the task ends quietly
+                await asyncio.Event().wait()  # accepted, never answered
+            return
         up_reader, up_writer = await asyncio.open_connection(*self.target)
-        self._writers += [writer, up_writer]
+        self._writers.append(up_writer)
+        self._pairs.append((writer, up_writer))
         frozen = asyncio.Event()
         self._live.append(frozen)
 
@@ -73,6 +87,46 @@ class FreezableProxy:
             self._live.clear()
 
         self._loop.call_soon_threadsafe(freeze)
+
+    def _apply(self, change: Callable[[], None]) -> None:
+        """Run `change` on the proxy's loop and return once it has run."""
+
+        async def run() -> None:
+            change()
+
+        asyncio.run_coroutine_threadsafe(run(), self._loop).result(5)
+
+    def cut(self) -> None:
+        """Close every connection, and close new ones at once, until `restore()`."""
+
+        def cut() -> None:
+            self._mode = "cut"
+            for client, upstream in self._pairs:
+                client.close()
+                upstream.close()
+            self._pairs.clear()
+            self._live.clear()
+
+        self._apply(cut)
+
+    def freeze(self) -> None:
+        """Every connection, open now or opened until `restore()`, stays open and forwards nothing."""
+
+        def freeze() -> None:
+            self._mode = "frozen"
+            for event in self._live:
+                event.set()
+            self._live.clear()
+
+        self._apply(freeze)
+
+    def restore(self) -> None:
+        """New connections are forwarded again (the ones cut or frozen stay dead)."""
+
+        def restore() -> None:
+            self._mode = "open"
+
+        self._apply(restore)
 
     def stop(self) -> None:
         self._loop.call_soon_threadsafe(self._loop.stop)
