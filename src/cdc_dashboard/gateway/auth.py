@@ -205,8 +205,9 @@ def _keyring(secret: str, previous: tuple[str, ...], admin_secret: str | None) -
 def _keys(request: HTTPConnection) -> Keyring:
     settings = gateway_state(request).settings
     if not settings.secret:
-        # `serve` refuses to start without one; reaching this is a deployment bug, not the client's fault.
-        raise HTTPException(503, "the gateway has no CDC_SECRET configured")
+        # `serve` refuses to start without one; reaching this is a deployment bug, not the client's fault. Like
+        # every 503 it says when to come back (an operator has to fix it first: not soon).
+        raise HTTPException(503, "the gateway has no CDC_SECRET configured", headers={"Retry-After": "60"})
     return _keyring(settings.secret, tuple(settings.secret_previous), settings.admin_secret)
 
 

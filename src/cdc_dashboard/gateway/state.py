@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 from starlette.applications import Starlette
-from starlette.exceptions import HTTPException
 from starlette.requests import HTTPConnection
 
 from ..config import Settings
@@ -43,14 +42,6 @@ class GatewayState:
     # Why the in-process listener ended unexpectedly (the process then exits non-zero), and how `serve` stops.
     fatal: str | None = None
     on_fatal: Callable[[], None] | None = None
-
-    def database(self) -> asyncpg.Pool:
-        """The pool, or a 503 that asks the client to come back (the gateway is starting or stopping).
-
-        Routes borrow with `connection()` instead: it bounds the wait and turns an outage into a 503."""
-        if self.pool is None:
-            raise HTTPException(503, "database is not available", headers={"Retry-After": "1"})
-        return self.pool
 
     @contextlib.asynccontextmanager
     async def connection(self) -> AsyncIterator[PoolConnectionProxy]:
