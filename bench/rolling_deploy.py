@@ -223,7 +223,7 @@ def _analyse(
     statuses: Counter[int] = Counter()
     errors: Counter[str] = Counter()
     gateways_per_dashboard: list[int] = []
-    dashboards = 0
+    dashboards = moved = 0
     for config, out in outputs:
         resyncs += out["resyncs"]
         errors.update(out["errors"])
@@ -246,8 +246,9 @@ def _analyse(
             dashboards += 1
             successful = [o for o in opened[index] if o[1] == 200]
             reconnect_times += [o[0] for o in successful[1:]]
-            used = {s for o in successful for s in servers.get((config["address"], o[2]), [])}
-            gateways_per_dashboard.append(len(used))
+            served = [s for o in successful for s in servers.get((config["address"], o[2]), [])]
+            gateways_per_dashboard.append(len(set(served)))
+            moved += sum(1 for a, b in itertools.pairwise(served) if a != b)
         for pid, (business, at) in committed.items():
             for index in by_business.get(business, []):
                 arrival = seen[index].get(pid)
@@ -283,6 +284,8 @@ def _analyse(
         "client_errors": dict(errors),
         "storms": storms,
         "dashboards": dashboards,
+        # Every reconnect reaches a new gateway process (the old one has exited); these also changed server.
+        "reconnects_to_another_gateway": moved,
         "dashboards_served_by_2_or_more_gateways": sum(1 for n in gateways_per_dashboard if n >= 2),
         "dashboards_without_haproxy_log_match": sum(1 for n in gateways_per_dashboard if n == 0),
         "commit_to_event_all": _summary(latency_all),

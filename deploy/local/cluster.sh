@@ -329,8 +329,18 @@ cmd_restart() {
         listener-[0-9]*)
             local k=${name#listener-}
             ((k >= 1 && k <= LISTENERS)) || die "no $name (listeners 1-$LISTENERS)"
+            local lines other=listener-$((3 - k)) was_leader="" i
+            [[ $(leader_pid) == "$(cat "$STATE/$name.pid" 2>/dev/null)" ]] && was_leader=1
             stop "$name"
-            local lines
+            # The active one: wait until the standby holds leadership before starting it again, or it could
+            # take the lock back first and the standby would never have been exercised.
+            if [[ -n $was_leader ]] && running "$other"; then
+                for ((i = 0; i < 300; i++)); do
+                    [[ $(leader_pid) == "$(cat "$STATE/$other.pid")" ]] && break
+                    sleep 0.1
+                done
+                [[ $(leader_pid) == "$(cat "$STATE/$other.pid")" ]] || die "$other did not take over within 30 s"
+            fi
             lines=$(log_lines "$name")
             start_listener "$k"
             wait_listener "$name" "$lines"
