@@ -1,7 +1,7 @@
 """Rolling deploy through HAProxy: dashboards stay connected while every gateway, then the listener, restarts.
 
     .venv/bin/python bench/rolling_deploy.py [--dashboards 1000] [--businesses 100] [--rate 200]
-        [--client-procs 4] [--warmup 15] [--gap 10] [--tail 15] [--writers 8]
+        [--client-procs 4] [--warmup 15] [--gap 10] [--tail 15] [--writers 8] [--down-seconds 0]
 
 Creates a scratch database on CDC_BENCH_ADMIN_URL (default postgresql://postgres@127.0.0.1:5432/postgres) with
 `--businesses` businesses, and starts deploy/local/cluster.sh on it (3 gateways behind HAProxy, an active and a
@@ -15,10 +15,11 @@ standby listener) in a temporary state directory. Then:
    HAProxy picks; a refusal is retried after its Retry-After.
 2. bench/e2e_latency.py's writer inserts completed payments straight into PostgreSQL at `--rate` per second,
    each its own transaction, recording each payment's commit time;
-3. after `--warmup` seconds, `cluster.sh restart gateway-K` for each gateway in turn (SIGTERM, wait for the
-   exit, start it again, wait until it is ready and UP in HAProxy), `--gap` seconds apart; then the same for
-   the active listener (the standby takes over; the old one comes back as the standby); the writer goes on
-   for `--tail` seconds more.
+3. after `--warmup` seconds, `cluster.sh stop gateway-K` (SIGTERM, wait for the exit), `--down-seconds` of
+   pause (a slower deploy: long enough, HAProxy takes the gateway out and every resume goes to another one),
+   `cluster.sh start gateway-K` (wait until it is ready and UP in HAProxy), for each gateway in turn,
+   `--gap` seconds apart; then the same for the active listener (the standby takes over; the old one comes
+   back as the standby); the writer goes on for `--tail` seconds more.
 
 When the listener's backlog is empty and the clients have been quiet for 5 s, the clients stop and report.
 Verified (each must be 0): payments without their event on some dashboard of their business, events a
@@ -51,7 +52,7 @@ import tempfile
 import time
 import uuid
 from collections import Counter, defaultdict
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -193,21 +194,30 @@ def _log_time(path: Path, message: str) -> float | None:
     return None if found is None else datetime.fromisoformat(found).timestamp()
 
 
-def _servers_by_stream(haproxy_log: Path) -> dict[tuple[str, int], list[str]]:
-    """(client address, client port) -> the gateways HAProxy gave that connection, from its httplog lines."""
-    pattern = re.compile(r"^(\S+):(\d+) \[[^\]]+\] \S+ gateways/(gw\d+) ")
-    servers: dict[tuple[str, int], list[str]] = defaultdict(list)
+def _servers_by_stream(haproxy_log: Path) -> dict[tuple[str, int], list[tuple[float, str]]]:
+    """(client address, client port) -> (accept time, gateway) of each connection HAProxy logged from it: a
+    port can come back later in a run, so a stream is matched to the connection accepted closest to its open."""
+    pattern = re.compile(r"^(\S+):(\d+) \[([^\]]+)\] \S+ gateways/(gw\d+) ")
+    servers: dict[tuple[str, int], list[tuple[float, str]]] = defaultdict(list)
     for line in haproxy_log.read_text(errors="replace").splitlines():
         if match := pattern.match(line):
-            servers[(match[1], int(match[2]))].append(match[3])
+            # HAProxy logs in local time; this machine's is UTC, like the benchmark's other clocks.
+            accepted = datetime.strptime(match[3], "%d/%b/%Y:%H:%M:%S.%f").replace(tzinfo=UTC).timestamp()
+            servers[(match[1], int(match[2]))].append((accepted, match[4]))
     return servers
+
+
+def _server_of(servers: dict[tuple[str, int], list[tuple[float, str]]], address: str, port: int, at: float) -> str:
+    """The gateway of the stream opened from address:port at `at`, or "" when HAProxy did not log it."""
+    candidates = servers.get((address, port), [])
+    return min(candidates, key=lambda c: abs(c[0] - at))[1] if candidates else ""
 
 
 def _analyse(
     records: list[list[Any]],
     outputs: list[tuple[dict[str, Any], dict[str, Any]]],
     restarts: list[dict[str, Any]],
-    servers: dict[tuple[str, int], list[str]],
+    servers: dict[tuple[str, int], list[tuple[float, str]]],
 ) -> dict[str, Any]:
     committed = {pid: (business, at) for pid, business, _amount, at, _lag in records}
     windows = [(r["started"], r["finished"] + DRAIN_RETRY_MAX_S) for r in restarts]
@@ -246,7 +256,8 @@ def _analyse(
             dashboards += 1
             successful = [o for o in opened[index] if o[1] == 200]
             reconnect_times += [o[0] for o in successful[1:]]
-            served = [s for o in successful for s in servers.get((config["address"], o[2]), [])]
+            served = [_server_of(servers, config["address"], o[2], o[0]) for o in successful]
+            served = [server for server in served if server]
             gateways_per_dashboard.append(len(set(served)))
             moved += sum(1 for a, b in itertools.pairwise(served) if a != b)
         for pid, (business, at) in committed.items():
@@ -347,7 +358,7 @@ def run(url: str, args: argparse.Namespace) -> int:
         print(f"{connected} dashboards connected, {failures} not", flush=True)
 
         # Four restarts of a few seconds each, `--gap` apart.
-        restarts_duration = args.warmup + 4 * (args.gap + 5)
+        restarts_duration = args.warmup + 4 * (args.gap + 5 + args.down_seconds)
         seconds = restarts_duration + args.tail
         writer_config = workdir / "writer-config.json"
         writer_out = workdir / "writer.json"
@@ -373,7 +384,9 @@ def run(url: str, args: argparse.Namespace) -> int:
         restarts: list[dict[str, Any]] = []
         for name in [f"gateway-{k}" for k in range(1, 4)] + [_active_listener(url, state)]:
             started = time.time()
-            _cluster(env, "restart", name)
+            _cluster(env, "stop", name)
+            time.sleep(args.down_seconds)
+            _cluster(env, "start", name)
             restarts.append({"name": name, "started": started, "finished": time.time()})
             print(f"restarted {name} in {restarts[-1]['finished'] - started:.1f} s", flush=True)
             time.sleep(args.gap)
@@ -453,6 +466,12 @@ def main() -> int:
     parser.add_argument("--warmup", type=float, default=15, help="seconds of writes before the first restart")
     parser.add_argument("--gap", type=float, default=10, help="seconds between one restart's end and the next")
     parser.add_argument("--tail", type=float, default=15, help="seconds of writes after the last restart's gap")
+    parser.add_argument(
+        "--down-seconds",
+        type=float,
+        default=0,
+        help="keep each process stopped this long before starting it again, as a slower deploy would (default 0)",
+    )
     parser.add_argument("--keep-logs", action="store_true", help="keep the cluster's state directory and logs")
     parser.add_argument("--role", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -4,9 +4,11 @@
 #
 #   deploy/local/cluster.sh up        start everything (idempotent: what already runs is left alone)
 #   deploy/local/cluster.sh status    each process, its health, HAProxy's view, who holds listener leadership
-#   deploy/local/cluster.sh restart NAME
-#                                     NAME = gateway-K or listener-K: SIGTERM, wait for the exit, start it
-#                                     again and wait until it is back (a gateway: ready and UP in HAProxy)
+#   deploy/local/cluster.sh stop NAME    NAME = gateway-K or listener-K: SIGTERM, wait for the exit (the active
+#                                     listener: also until the standby has taken over)
+#   deploy/local/cluster.sh start NAME   start it again, wait until it serves (a gateway: ready and UP in
+#                                     HAProxy; a listener: live or standby)
+#   deploy/local/cluster.sh restart NAME stop, then start: one step of a rolling deploy
 #   deploy/local/cluster.sh down      stop exactly what `up` started (by its pid files), idempotent
 #
 # Settings (environment; `up` records them in the state directory, so later commands need none of them):
@@ -75,7 +77,7 @@ cdc() {
 # mentions what we started (a recycled pid belongs to someone else).
 running() {
     local name=$1 pid
-    [[ -f $STATE/$name.pid ]] || return 1
+    [[ -f $STATE/$name.pid && -s $STATE/$name.match ]] || return 1
     pid=$(cat "$STATE/$name.pid")
     [[ -r /proc/$pid/cmdline ]] || return 1
     [[ $(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null) != Z ]] || return 1
@@ -308,15 +310,45 @@ cmd_status() {
     [[ -n $leader ]] || echo "no listener holds leadership right now"
 }
 
-cmd_restart() {
-    local name=${1:-}
+# One process: `stop NAME` (SIGTERM, wait for the exit; for the active listener, also until the standby holds
+# leadership), `start NAME` (and wait until it serves: a gateway ready and UP in HAProxy, a listener live or
+# standby), `restart NAME` (both).
+check_name() {
     [[ -f $STATE/cluster.env ]] || die "not up"
     load_settings
+    case $1 in
+        gateway-[0-9]*) ((${1#gateway-} >= 1 && ${1#gateway-} <= GATEWAYS)) || die "no $1 (gateways 1-$GATEWAYS)" ;;
+        listener-[0-9]*) ((${1#listener-} >= 1 && ${1#listener-} <= LISTENERS)) || die "no $1 (listeners 1-$LISTENERS)" ;;
+        *) die "name gateway-K or listener-K" ;;
+    esac
+}
+
+cmd_stop() {
+    local name=$1 other="" was_leader="" i
+    check_name "$name"
+    if [[ $name == listener-* ]]; then
+        other=listener-$((3 - ${name#listener-}))
+        [[ $(leader_pid) == "$(cat "$STATE/$name.pid" 2>/dev/null)" ]] && was_leader=1
+    fi
+    stop "$name"
+    # The active listener: wait until the standby holds leadership, so that starting this one again cannot
+    # take the lock back first (the standby would never have been exercised).
+    if [[ -n $was_leader ]] && running "$other"; then
+        for ((i = 0; i < 300; i++)); do
+            [[ $(leader_pid) == "$(cat "$STATE/$other.pid")" ]] && break
+            sleep 0.1
+        done
+        [[ $(leader_pid) == "$(cat "$STATE/$other.pid")" ]] || die "$other did not take over within 30 s"
+    fi
+    say "$name stopped"
+}
+
+cmd_start() {
+    local name=$1 i lines
+    check_name "$name"
     case $name in
-        gateway-[0-9]*)
-            local k=${name#gateway-} i
-            ((k >= 1 && k <= GATEWAYS)) || die "no $name (gateways 1-$GATEWAYS)"
-            stop "$name"
+        gateway-*)
+            local k=${name#gateway-}
             start_gateway "$k"
             wait_http_200 "http://127.0.0.1:$((PORT + k))/readyz" "$name"
             # Back in rotation only when HAProxy's checks have seen it (rise 2): restarting the next gateway
@@ -326,34 +358,23 @@ cmd_restart() {
                 sleep 0.1
             done
             ;;
-        listener-[0-9]*)
-            local k=${name#listener-}
-            ((k >= 1 && k <= LISTENERS)) || die "no $name (listeners 1-$LISTENERS)"
-            local lines other=listener-$((3 - k)) was_leader="" i
-            [[ $(leader_pid) == "$(cat "$STATE/$name.pid" 2>/dev/null)" ]] && was_leader=1
-            stop "$name"
-            # The active one: wait until the standby holds leadership before starting it again, or it could
-            # take the lock back first and the standby would never have been exercised.
-            if [[ -n $was_leader ]] && running "$other"; then
-                for ((i = 0; i < 300; i++)); do
-                    [[ $(leader_pid) == "$(cat "$STATE/$other.pid")" ]] && break
-                    sleep 0.1
-                done
-                [[ $(leader_pid) == "$(cat "$STATE/$other.pid")" ]] || die "$other did not take over within 30 s"
+        listener-*)
+            if ! running "$name"; then
+                lines=$(log_lines "$name")
+                start_listener "${name#listener-}"
+                wait_listener "$name" "$lines"
             fi
-            lines=$(log_lines "$name")
-            start_listener "$k"
-            wait_listener "$name" "$lines"
             ;;
-        *) die "restart gateway-K or listener-K" ;;
     esac
-    say "$name restarted (pid $(cat "$STATE/$name.pid"))"
+    say "$name started (pid $(cat "$STATE/$name.pid"))"
 }
 
 case ${1:-} in
     up) cmd_up ;;
     down) cmd_down ;;
     status) cmd_status ;;
-    restart) cmd_restart "${2:-}" ;;
-    *) echo "usage: $0 up|down|status|restart gateway-K|listener-K" >&2; exit 2 ;;
+    stop) cmd_stop "${2:-}" ;;
+    start) cmd_start "${2:-}" ;;
+    restart) cmd_stop "${2:-}" && cmd_start "${2:-}" ;;
+    *) echo "usage: $0 up|down|status|stop NAME|start NAME|restart NAME (NAME: gateway-K, listener-K)" >&2; exit 2 ;;
 esac
