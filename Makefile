@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test test-fast lint bench-capture clean
+.PHONY: help install run test test-fast lint bench-capture cluster-up cluster-down cluster-status clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -31,6 +31,15 @@ lint: $(STAMP) ## ruff and mypy --strict
 
 bench-capture: $(STAMP) ## capture overhead benchmark (pgbench, 8 writers); needs CDC_DATABASE_URL
 	$(BIN)/python bench/capture_overhead.py
+
+cluster-up: $(STAMP) ## 3 gateways behind HAProxy + active and standby listener (deploy/local/cluster.sh)
+	deploy/local/cluster.sh up
+
+cluster-down: ## stop what cluster-up started
+	deploy/local/cluster.sh down
+
+cluster-status: ## the cluster's processes, HAProxy's view, the active listener
+	deploy/local/cluster.sh status
 
 clean: ## remove the virtualenv and local state
 	rm -rf $(VENV) .cdc .pytest_cache .mypy_cache .ruff_cache
