@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test test-fast lint bench-capture clean
+.PHONY: help install run test test-fast lint bench-capture chaos clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -31,6 +31,9 @@ lint: $(STAMP) ## ruff and mypy --strict
 
 bench-capture: $(STAMP) ## capture overhead benchmark (pgbench, 8 writers); needs CDC_DATABASE_URL
 	$(BIN)/python bench/capture_overhead.py
+
+chaos: $(STAMP) ## chaos run, several minutes: faults of every kind at once, then nothing lost and every figure exact
+	$(BIN)/python bench/chaos.py
 
 clean: ## remove the virtualenv and local state
 	rm -rf $(VENV) .cdc .pytest_cache .mypy_cache .ruff_cache
