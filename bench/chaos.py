@@ -54,6 +54,7 @@ import tempfile
 import time
 import uuid
 from collections import defaultdict
+from collections.abc import AsyncIterator
 from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -347,6 +348,7 @@ class Dashboard:
     pauses: int = 0
     cut_after_pause: int = 0
     last_id: int = 0
+    errors: list[str] = field(default_factory=list)  # this client's own failures (must be none)
 
 
 def slow_socket(addr_info: Any) -> socket.socket:
@@ -387,7 +389,9 @@ async def dashboard(
                         continue
                     paused_until = await read_stream(board, response, draining, rng, slow_pause)
             except (aiohttp.ClientError, TimeoutError, ConnectionError):
-                pass
+                pass  # the gateway went away or cut the stream: resume
+            except Exception as exc:  # a bug of this client: reported, and the dashboard carries on
+                board.errors.append(repr(exc))
             if paused_until and time.monotonic() - paused_until < 2:
                 board.cut_after_pause += 1
             await asyncio.sleep(rng.uniform(0.1, 0.6))
@@ -400,8 +404,7 @@ async def read_stream(
     lines: list[str] = []
     next_pause = time.monotonic() + rng.uniform(3, 8)
     paused_until = 0.0
-    async for raw in response.content:
-        line = raw.decode().rstrip("\r\n")
+    async for line in sse_lines(response):
         if line:
             lines.append(line)
             continue
@@ -416,6 +419,17 @@ async def read_stream(
             paused_until = time.monotonic()
             next_pause = paused_until + rng.uniform(3, 8)
     return paused_until
+
+
+async def sse_lines(response: aiohttp.ClientResponse) -> AsyncIterator[str]:
+    """The stream's lines. Split here rather than by aiohttp's readline, which refuses a line longer than its
+    read buffer (kept small for slow clients): an event's data line listing 100 changes is longer."""
+    pending = b""
+    async for chunk in response.content.iter_any():
+        pending += chunk
+        *complete, pending = pending.split(b"\n")
+        for line in complete:
+            yield line.rstrip(b"\r").decode()
 
 
 def handle_message(board: Dashboard, lines: list[str]) -> None:
@@ -606,6 +620,7 @@ async def verify(url: str, ports: list[int], boards: list[Dashboard], ledger: Le
         foreign_rows = [r for r in board.listed if ledger.owner.get(r, board.business) != board.business]
         board.foreign += [f"row {r}" for r in foreign_rows]
         problems += [f"dashboard {board.business}/{board.index}: foreign {f}" for f in board.foreign]
+        problems += [f"dashboard {board.business}/{board.index}: client error {e}" for e in board.errors]
 
     http_mismatches = 0
     async with aiohttp.ClientSession() as session:
@@ -691,11 +706,15 @@ async def chaos(args: argparse.Namespace, url: str, server: Any, logs: Path) -> 
         draining.set()
         caught_up = await wait_caught_up(url, boards, args.drain)
         drained_at = clock.now()
+        # A dashboard's task ends only when told to: one that ended early stopped following its stream.
+        ended_early = sum(task.done() for task in board_tasks)
         stop_dashboards.set()
         for task in board_tasks:
             task.cancel()
         await asyncio.gather(*board_tasks, return_exceptions=True)
         report = await verify(url, procs.ports, boards, ledger)
+        if ended_early:
+            report["problems"].append(f"{ended_early} dashboards stopped following their stream before the end")
         for index in (0, 1):
             await asyncio.to_thread(procs.scrape, index)
     finally:
