@@ -56,7 +56,11 @@ class FreezableProxy:
             with contextlib.suppress(asyncio.CancelledError):  # stopped: the task ends quietly
                 await asyncio.Event().wait()  # accepted, never answered
             return
-        up_reader, up_writer = await self._open_upstream()
+        try:
+            up_reader, up_writer = await self._open_upstream()
+        except OSError:  # the server is down (restarting): refuse this connection as the server would
+            writer.close()
+            return
         self._writers.append(up_writer)
         self._pairs.append((writer, up_writer))
         frozen = asyncio.Event()

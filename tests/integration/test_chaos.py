@@ -33,7 +33,8 @@ def test_chaos_for_a_minute_loses_nothing() -> None:
     # The script starts its own embedded PostgreSQL: it must not be pointed at the suite's server.
     env = {k: v for k, v in os.environ.items() if k not in ("CDC_BENCH_ADMIN_URL", "CDC_DATABASE_URL")}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT / "src"), env.get("PYTHONPATH")) if p)
-    args = ["--seconds", "45", "--kill-every", "3", "--freeze", "4", "--slow-pause", "25", "--drain", "25"]
+    args = ["--seconds", "45", "--businesses", "4", "--kill-every", "3", "--freeze", "4", "--slow-pause", "25"]
+    args += ["--drain", "25"]
     result = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "chaos.py"), *args],
         env=env,
