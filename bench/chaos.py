@@ -10,8 +10,10 @@ Set up (each piece a real process, as in production):
 - 2 listeners (`cdc-dashboard listen`): one active, one hot standby;
 - 2 gateways (`cdc-dashboard serve`); gateway 1 reaches the database through a TCP proxy that can freeze;
 - `--dashboards` SSE dashboards per business (aiohttp), each alternating between the gateways on every
-  reconnect and resuming with Last-Event-ID; one per business is a slow client: it stops reading for seconds
-  at a time, with a small receive buffer, so the gateway cuts it, and it resumes afterwards;
+  reconnect and resuming with Last-Event-ID; one per business is a slow client: it stops reading for
+  `--slow-pause` seconds at a time, with small socket buffers, then reads on (resuming if the gateway cut it:
+  it does once what the sockets and the stream's buffer hold is full, which on loopback takes megabytes of
+  events, so the summary reports the gateways' own count of cuts);
 - `--writers` writers, each its own connection, whose transactions commit out of order: begin, insert a payment
   or a booking (and sometimes update an earlier one of the same business: a refund, a status change, a booking's
   payment status), hold the transaction open a random while (a few hold it for seconds), commit.
@@ -352,7 +354,7 @@ class Dashboard:
 
 def slow_socket(addr_info: Any) -> socket.socket:
     """A slow client's socket: what a pause leaves room for on the way from the gateway is kept small, so the
-    gateway's buffer for the stream fills within the pause. On loopback the segment size is 64 KiB and the
+    gateway's buffer for the stream fills sooner. On loopback the segment size is 64 KiB and the
     kernel sizes the sender's buffer from it (megabytes): a small maximum segment, announced when connecting,
     brings that down to what a real network would have; a small receive buffer does the same on this side."""
     family, kind, proto, _name, _addr = addr_info
@@ -765,8 +767,7 @@ def main() -> int:
         "--slow-pause",
         type=float,
         default=45,
-        help="seconds a slow client stops reading: long enough for its business's events to fill what the"
-        " gateway and the sockets buffer, so the gateway cuts it",
+        help="seconds a slow client stops reading at a time",
     )
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--keep-logs", action="store_true", help="keep the processes' logs after a pass too")
