@@ -1,18 +1,26 @@
-"""Fan-out: N idle SSE connections on one gateway process; its RSS per connection and broadcast latency.
+"""Fan-out: N idle SSE connections on one gateway process (or several); RSS per connection and broadcast latency.
 
     .venv/bin/python bench/fanout.py [--connections 10000] [--broadcasts 5] [--interval 3] [--clients 1]
+        [--gateways 1] [--source-addresses 1] [--client-loop asyncio|uvloop]
 
 Creates a scratch database on CDC_BENCH_ADMIN_URL (default postgresql://postgres@127.0.0.1:5432/postgres),
 applies the schema and starts `cdc-dashboard serve` (one process). Separate client processes (`--clients`)
 open the connections, all to one business's stream (the worst case: every event reaches every stream), with
-raw asyncio sockets so the client's own cost stays small. The gateway's RSS is read from /proc before and after
-the connections open. Then `--broadcasts` events are appended `--interval` seconds apart through
-`dashboard.append_events_v1` (under the events lock, as the listener appends), each carrying its wall-clock
-append time; every client notes when each event arrived. Latency = arrival - append (same host, same clock),
-over all connections.
+raw asyncio sockets so the client's own cost stays small (`--client-loop uvloop` runs the clients on
+uvloop). The gateway's RSS is read from /proc before and after the connections open. Then `--broadcasts`
+events are appended `--interval` seconds apart through `dashboard.append_events_v1` (under the events lock,
+as the listener appends), each carrying its wall-clock append time; every client notes when each event
+arrived. Latency = arrival - append (same host, same clock), over all connections.
 
 The gateway's CPU time per broadcast (from /proc, idle heartbeat time subtracted) is reported too: unlike the
 latency it does not depend on what else the machine is doing.
+
+With `--gateways G`, G `serve` processes on distinct ports share the one database (each with its own LISTEN)
+and the connections are spread over them evenly; RSS and CPU are summed over the gateways, the latency is
+over every connection of every gateway. Past about 28,000 connections to one address and port from one
+source address the client runs out of ephemeral ports, and a process may open at most 20,000 files here:
+`--source-addresses K` binds the client sockets to 127.0.0.1 … 127.0.0.K in turn (the whole 127/8 is
+loopback on Linux), and `--clients` splits the connections over processes.
 
 Caveat: on a small machine the gateway, PostgreSQL and the clients share the cores; the clients' time to read
 N frames is part of the measured latency, so it is an upper bound on what the gateway itself adds.
@@ -35,14 +43,18 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import psycopg
+import uvloop
 
 from cdc_dashboard.tokens import create_token
 from scratch import connection_reports, scratch_database, wait_ready
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRET = "bench-fanout-" + "b" * 40
+# Linux's IP_BIND_ADDRESS_NO_PORT (the socket module does not name it).
+_IP_BIND_ADDRESS_NO_PORT = 24
 
 
 def _free_port() -> int:
@@ -64,6 +76,10 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _uptime() -> str:
+    return subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
+
+
 def _raise_fd_limit() -> None:
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -72,21 +88,40 @@ def _raise_fd_limit() -> None:
 # -- client process -----------------------------------------------------------------------------------------
 
 
-async def _client(port: int, business: str, token: str, count: int, broadcasts: int, out: Path) -> None:
-    """Open `count` streams, report readiness on stdout, then record each event's arrival per stream."""
+async def _client(config: dict[str, Any]) -> None:
+    """Open `count` streams, report readiness on stdout, then record each event's arrival per stream.
+
+    Connection number `offset + i` goes to gateway port `(offset + i) % len(ports)`, from source address
+    `(offset + i) // len(ports) % len(sources)`, so that every gateway and every source gets its share.
+    """
+    ports: list[int] = config["ports"]
+    sources: list[str] = config["sources"]
+    count: int = config["count"]
+    broadcasts: int = config["broadcasts"]
+    out = Path(config["out"])
     arrivals: list[tuple[int, float]] = []
     failures = 0
     request = (
-        f"GET /v1/businesses/{business}/events HTTP/1.1\r\nHost: bench\r\nAuthorization: Bearer {token}\r\n"
-        "Accept: text/event-stream\r\n\r\n"
+        f"GET /v1/businesses/{config['business']}/events HTTP/1.1\r\nHost: bench\r\n"
+        f"Authorization: Bearer {config['token']}\r\nAccept: text/event-stream\r\n\r\n"
     ).encode()
     readers: list[asyncio.StreamReader] = []
     writers: list[asyncio.StreamWriter] = []
+    loop = asyncio.get_running_loop()
 
-    async def connect() -> None:
+    async def connect(number: int) -> None:
         nonlocal failures
+        port = ports[number % len(ports)]
+        source = sources[number // len(ports) % len(sources)]
+        sock = socket.socket()
         try:
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            # Bound to a source address without a port: the port is then chosen at connect() for the whole
+            # (source, destination) pair, so each source address has the ephemeral range for each gateway.
+            sock.setsockopt(socket.IPPROTO_IP, _IP_BIND_ADDRESS_NO_PORT, 1)
+            sock.bind((source, 0))
+            sock.setblocking(False)
+            await loop.sock_connect(sock, ("127.0.0.1", port))
+            reader, writer = await asyncio.open_connection(sock=sock)
             writer.write(request)
             head = await reader.readuntil(b"\r\n\r\n")
             if not head.startswith(b"HTTP/1.1 200"):
@@ -94,10 +129,12 @@ async def _client(port: int, business: str, token: str, count: int, broadcasts: 
             readers.append(reader)
             writers.append(writer)
         except Exception:
+            sock.close()
             failures += 1
 
+    offset: int = config["offset"]
     for start in range(0, count, 250):
-        await asyncio.gather(*(connect() for _ in range(min(250, count - start))))
+        await asyncio.gather(*(connect(offset + start + i) for i in range(min(250, count - start))))
     # The client's own garbage collector would walk every connection's objects in full passes that land in
     # broadcasts and count as gateway latency; they live until the end, so take them out of its walks.
     gc.freeze()
@@ -133,9 +170,13 @@ def _percentile(values: list[float], q: float) -> float:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--connections", type=int, default=10000)
+    parser.add_argument("--connections", type=int, default=10000, help="in all, over every gateway")
     parser.add_argument("--broadcasts", type=int, default=5)
     parser.add_argument("--clients", type=int, default=1, help="client processes sharing the connections")
+    parser.add_argument("--gateways", type=int, default=1, help="`serve` processes sharing the connections")
+    parser.add_argument(
+        "--source-addresses", type=int, default=1, help="client sockets bound to 127.0.0.1 … 127.0.0.K in turn"
+    )
     parser.add_argument("--interval", type=float, default=3.0, help="seconds between broadcasts (default 3)")
     parser.add_argument(
         "--settle",
@@ -143,72 +184,96 @@ def main() -> int:
         default=2.0,
         help="seconds between the last connection and the first measurement (default 2)",
     )
-    parser.add_argument("--client", nargs=6, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--client-loop",
+        choices=["uvloop", "asyncio"],
+        default="asyncio",
+        help="the clients' event loop (default asyncio, as in the earlier runs; uvloop made no measurable difference)",
+    )
+    parser.add_argument("--client", help=argparse.SUPPRESS)
     args = parser.parse_args()
     _raise_fd_limit()
     if args.client:
-        port, business, token, count, broadcasts, out = args.client
-        asyncio.run(_client(int(port), business, token, int(count), int(broadcasts), Path(out)))
+        config = json.loads(args.client)
+        if config["loop"] == "uvloop":
+            uvloop.run(_client(config))
+        else:
+            asyncio.run(_client(config))
         return 0
 
     with scratch_database("bench_fanout") as db:
-        port = _free_port()
         business = str(uuid.uuid4())
         token = create_token(SECRET, [business], 3600)
+        per_gateway = -(-args.connections // args.gateways)
         env = {k: v for k, v in os.environ.items() if not k.startswith("CDC_")}
         env.update(
             CDC_DATABASE_URL=db,
             CDC_SECRET=SECRET,
-            CDC_HTTP_PORT=str(port),
-            CDC_MAX_CONNECTIONS=str(args.connections + 100),
+            CDC_MAX_CONNECTIONS=str(per_gateway + 100),
             # Every stream is one token's, opened from 127.0.0.1 at once: lift the per-token and per-address limits.
-            CDC_MAX_STREAMS_PER_TOKEN=str(args.connections + 100),
+            CDC_MAX_STREAMS_PER_TOKEN=str(per_gateway + 100),
             CDC_RATE_LIMIT_STREAM_OPENS_PER_MINUTE="0",
             CDC_SSE_PING_SECONDS="15",
             CDC_LOG_LEVEL="WARNING",
         )
-        gateway: subprocess.Popen[bytes] | None = None
+        gateways: list[subprocess.Popen[bytes]] = []
         clients: list[subprocess.Popen[str]] = []
         try:
             cli = Path(sys.executable).parent / "cdc-dashboard"
-            gateway = subprocess.Popen([str(cli), "serve"], env=env, cwd=ROOT, preexec_fn=_raise_fd_limit)
-            wait_ready(port, gateway, 30)
+            ports = [_free_port() for _ in range(args.gateways)]
+            for port in ports:
+                gateways.append(
+                    subprocess.Popen(
+                        [str(cli), "serve"],
+                        env={**env, "CDC_HTTP_PORT": str(port)},
+                        cwd=ROOT,
+                        preexec_fn=_raise_fd_limit,
+                    )
+                )
+            for port, gateway in zip(ports, gateways, strict=True):
+                wait_ready(port, gateway, 30)
             time.sleep(1)
-            rss_before = _rss_kib(gateway.pid)
+            rss_before = [_rss_kib(g.pid) for g in gateways]
 
             outs = [Path(tempfile.mkstemp(prefix="fanout-", suffix=".json")[1]) for _ in range(args.clients)]
             shares = [
                 args.connections // args.clients + (i < args.connections % args.clients) for i in range(args.clients)
             ]
+            sources = [f"127.0.0.{i + 1}" for i in range(args.source_addresses)]
+            load_before = _uptime()
             started = time.monotonic()
+            offset = 0
             for share, out in zip(shares, outs, strict=True):
+                config = {
+                    "ports": ports,
+                    "sources": sources,
+                    "offset": offset,
+                    "count": share,
+                    "business": business,
+                    "token": token,
+                    "broadcasts": args.broadcasts,
+                    "loop": args.client_loop,
+                    "out": str(out),
+                }
+                offset += share
                 clients.append(
                     subprocess.Popen(
-                        [
-                            sys.executable,
-                            __file__,
-                            "--client",
-                            str(port),
-                            business,
-                            token,
-                            str(share),
-                            str(args.broadcasts),
-                            str(out),
-                        ],
-                        stdout=subprocess.PIPE,
-                        text=True,
+                        [sys.executable, __file__, "--client", json.dumps(config)], stdout=subprocess.PIPE, text=True
                     )
                 )
             connected, failures = connection_reports(clients)
             connect_seconds = time.monotonic() - started
-            time.sleep(args.settle)  # let the gateway settle (allocator, GC)
-            rss_after = _rss_kib(gateway.pid)
+            time.sleep(args.settle)  # let the gateways settle (allocator, GC)
+            rss_after = [_rss_kib(g.pid) for g in gateways]
 
-            # The gateway's CPU while idle (heartbeats only), to subtract from the broadcasts' share.
-            idle_start = _cpu_seconds(gateway.pid)
+            def gateways_cpu() -> float:
+                return sum(_cpu_seconds(g.pid) for g in gateways)
+
+            # The gateways' CPU while idle (heartbeats only), to subtract from the broadcasts' share.
+            idle_start = gateways_cpu()
             time.sleep(args.interval)
-            idle_cpu = _cpu_seconds(gateway.pid) - idle_start
-            cpu_start = _cpu_seconds(gateway.pid)
+            idle_cpu = gateways_cpu() - idle_start
+            cpu_start = gateways_cpu()
             with psycopg.connect(db, autocommit=True) as conn:
                 for seq in range(args.broadcasts):
                     payload = json.dumps(
@@ -219,7 +284,8 @@ def main() -> int:
                         (business, payload),
                     )
                     time.sleep(args.interval)
-            broadcast_cpu = (_cpu_seconds(gateway.pid) - cpu_start - idle_cpu * args.broadcasts) / args.broadcasts
+            broadcast_cpu = (gateways_cpu() - cpu_start - idle_cpu * args.broadcasts) / args.broadcasts
+            load_after = _uptime()
             arrivals: list[tuple[int, float]] = []
             for client, out in zip(clients, outs, strict=True):
                 client.wait(300)
@@ -229,12 +295,14 @@ def main() -> int:
             per_broadcast = {seq: [latency for s, latency in arrivals if s == seq] for seq in range(args.broadcasts)}
             expected = connected * args.broadcasts
             result = {
+                "gateways": args.gateways,
+                "client_loop": args.client_loop,
                 "connections": connected,
                 "connect_failures": failures,
                 "connect_seconds": round(connect_seconds, 1),
-                "gateway_rss_before_mib": round(rss_before / 1024, 1),
-                "gateway_rss_after_mib": round(rss_after / 1024, 1),
-                "rss_per_connection_kib": round((rss_after - rss_before) / max(1, connected), 1),
+                "gateway_rss_before_mib": [round(kib / 1024, 1) for kib in rss_before],
+                "gateway_rss_after_mib": [round(kib / 1024, 1) for kib in rss_after],
+                "rss_per_connection_kib": round((sum(rss_after) - sum(rss_before)) / max(1, connected), 1),
                 "broadcasts": args.broadcasts,
                 "gateway_cpu_ms_per_broadcast": round(1000 * broadcast_cpu, 1),
                 "gateway_cpu_us_per_delivery": round(1e6 * broadcast_cpu / max(1, connected), 1),
@@ -247,6 +315,8 @@ def main() -> int:
                     for v in per_broadcast.values()
                     if v
                 ],
+                "load_before": load_before,
+                "load_after": load_after,
             }
             print(json.dumps(result, indent=2))
             return 0 if latencies and len(latencies) == expected else 1
@@ -254,8 +324,10 @@ def main() -> int:
             for client in clients:
                 if client.poll() is None:
                     client.kill()
-            if gateway is not None and gateway.poll() is None:
-                gateway.send_signal(signal.SIGTERM)
+            for gateway in gateways:
+                if gateway.poll() is None:
+                    gateway.send_signal(signal.SIGTERM)
+            for gateway in gateways:
                 try:
                     gateway.wait(15)
                 except subprocess.TimeoutExpired:
