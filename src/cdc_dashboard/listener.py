@@ -96,6 +96,9 @@ class EnhancedRealtimeManager:
     linger_per_change = 0.0005  # seconds of lingering per change in the last batch, up to the configured most
     idle_poll_interval = 0.002
     prune_batch = 10000
+    # While changes keep flowing, pruning goes a small chunk at a time between batches, so that no batch waits
+    # behind a large delete; it keeps going chunk by chunk, batch after batch, until nothing old is left.
+    prune_batch_busy = 1000
     # While busy, a batch looks only at changes newer than (newest consumed - scan_window); the index entries of
     # older, consumed changes stay until vacuum and would be stepped over on every batch. A transaction that
     # stays open that long has its changes found by the full look every full_scan_every seconds, and before
@@ -119,6 +122,7 @@ class EnhancedRealtimeManager:
         self._events_appended = 0
         self._changes_consumed = 0
         self._last_prune = 0.0
+        self._prune_behind = False  # the last prune left old events: the next chance prunes again
         self._newest_consumed = 0
         self._last_full_scan = 0.0
         self._lock_conn: asyncpg.Connection | None = None
@@ -241,6 +245,9 @@ class EnhancedRealtimeManager:
             consumed = await self._consume(conn)
             if consumed:
                 idle_polls = 0
+                # A listener that is never quiet must still prune: a steady stream of payments would otherwise
+                # keep the events table growing for as long as it lasts.
+                await self._maybe_prune(conn, busy=True)
                 if self.linger_from <= consumed < self.batch_size and self._linger:
                     # Under load (a batch found many changes) but not saturated: let more gather, so a stream of
                     # single-row writes becomes fewer, larger batches. A batch has a fixed cost (a commit, the
@@ -316,16 +323,20 @@ class EnhancedRealtimeManager:
 
     # -- housekeeping -------------------------------------------------------------------------------------
 
-    async def _maybe_prune(self, conn: asyncpg.Connection) -> None:
+    async def _maybe_prune(self, conn: asyncpg.Connection, *, busy: bool = False) -> None:
+        """Delete events older than the retention, at most every prune_every seconds unless the last prune left
+        some: when quiet until none is left; when busy one small chunk per call (between batches)."""
         loop = asyncio.get_running_loop()
-        if loop.time() - self._last_prune < self.prune_every:
+        if not self._prune_behind and loop.time() - self._last_prune < self.prune_every:
             return
         self._last_prune = loop.time()
+        chunk = self.prune_batch_busy if busy else self.prune_batch
         while not self._stopping.is_set():
-            deleted = await conn.fetchval(self._q["prune_events"], self._retention_seconds, self.prune_batch)
+            deleted = await conn.fetchval(self._q["prune_events"], self._retention_seconds, chunk)
             if deleted:
                 log.info("pruned old events", extra={"deleted": deleted})
-            if deleted < self.prune_batch:
+            self._prune_behind = deleted >= chunk
+            if busy or not self._prune_behind:
                 return
 
     async def _set_state(self, conn: asyncpg.Connection, state: str) -> None:

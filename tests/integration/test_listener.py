@@ -227,6 +227,28 @@ async def test_old_events_are_pruned_in_batches_and_marked(db_url: str) -> None:
         assert remaining == (21, 5)
 
 
+async def test_a_listener_that_is_never_quiet_still_prunes(db_url: str) -> None:
+    """Under a steady stream of payments the listener never reaches its quiet path; old events must still go,
+    a small chunk between batches, or the events table would grow for as long as the payments flow."""
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        b = new_business(conn)
+        conn.execute(
+            "select dashboard.append_events_v1(array_fill(%s::text, array[25]), array_fill('invalidate'::text,"
+            " array[25]), array_fill('{}'::jsonb, array[25]))",
+            (b,),
+        )
+        conn.execute("update dashboard.events set created_at = now() - interval '8 days' where id <= 20")
+        # idle_polls_before_sleep so large that the listener never takes its quiet path (where it also prunes).
+        async with running_listener(db_url, prune_every=0.0, prune_batch_busy=7, idle_polls_before_sleep=10**9):
+            pruned = lambda: conn.execute("select pruned_through from dashboard.listener_state").fetchone()  # noqa: E731
+            deadline = time.monotonic() + 10
+            while pruned() != (20,) and time.monotonic() < deadline:
+                await asyncio.to_thread(pay, conn, b)
+                await asyncio.sleep(0.05)
+            assert pruned() == (20,)
+        assert conn.execute("select count(*) from dashboard.events where id <= 20").fetchone() == (0,)
+
+
 async def test_a_writer_that_read_awake_before_the_sleep_announcement_is_still_seen_at_once(db_url: str) -> None:
     """The lost-wake-up race: a writer checks the announcement while the listener is awake (so it will not
     NOTIFY) and commits after the listener announced sleep. The listener must not sleep through it."""
