@@ -1,7 +1,7 @@
 """Fan-out: N idle SSE connections on one gateway process (or several); RSS per connection and broadcast latency.
 
     .venv/bin/python bench/fanout.py [--connections 10000] [--broadcasts 5] [--interval 3] [--clients 1]
-        [--gateways 1] [--source-addresses 1] [--client-loop asyncio|uvloop]
+        [--gateways 1] [--source-addresses 1] [--client-loop asyncio|uvloop] [--through-haproxy]
 
 Creates a scratch database on CDC_BENCH_ADMIN_URL (default postgresql://postgres@127.0.0.1:5432/postgres),
 applies the schema and starts `cdc-dashboard serve` (one process). Separate client processes (`--clients`)
@@ -21,6 +21,11 @@ over every connection of every gateway. Past about 28,000 connections to one add
 source address the client runs out of ephemeral ports, and a process may open at most 20,000 files here:
 `--source-addresses K` binds the client sockets to 127.0.0.1 … 127.0.0.K in turn (the whole 127/8 is
 loopback on Linux), and `--clients` splits the connections over processes.
+
+With `--through-haproxy`, an HAProxy (deploy/haproxy/haproxy.cfg, rendered as deploy/local/cluster.sh renders
+it: its own ports and one `server` line per gateway, nothing else changed) stands in front of the gateways and
+every client connects to it; its RSS and CPU are reported apart from the gateways'. Each proxied stream holds
+two of HAProxy's descriptors, so the committed config (maxconn 9,800, ulimit-n 20,000) caps a run at 9,800.
 
 Caveat: on a small machine the gateway, PostgreSQL and the clients share the cores; the clients' time to read
 N frames is part of the measured latency, so it is an upper bound on what the gateway itself adds.
@@ -78,6 +83,28 @@ def _cpu_seconds(pid: int) -> float:
 
 def _uptime() -> str:
     return subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
+
+
+def _haproxy_config(port: int, stats_port: int, gateway_ports: list[int]) -> str:
+    """deploy/haproxy/haproxy.cfg for these ports: the substitution deploy/local/cluster.sh's start_haproxy makes
+    (the two `bind` lines, the block between `# BEGIN servers` and `# END servers`), nothing else."""
+    binds = {
+        "    bind 127.0.0.1:8000": f"    bind 127.0.0.1:{port}",
+        "    bind 127.0.0.1:8404": f"    bind 127.0.0.1:{stats_port}",
+    }
+    out: list[str] = []
+    skip = False
+    for line in (ROOT / "deploy" / "haproxy" / "haproxy.cfg").read_text().splitlines():
+        if line.startswith("    # BEGIN servers"):
+            out.append(line)
+            out += [f"    server gw{k} 127.0.0.1:{p}" for k, p in enumerate(gateway_ports, 1)]
+            skip = True
+        elif line.startswith("    # END servers"):
+            skip = False
+            out.append(line)
+        elif not skip:
+            out.append(binds.get(line, line))
+    return "\n".join(out) + "\n"
 
 
 def _raise_fd_limit() -> None:
@@ -190,6 +217,11 @@ def main() -> int:
         default="asyncio",
         help="the clients' event loop (default asyncio, as in the earlier runs; uvloop made no measurable difference)",
     )
+    parser.add_argument(
+        "--through-haproxy",
+        action="store_true",
+        help="clients connect to an HAProxy in front of the gateways (deploy/haproxy/haproxy.cfg)",
+    )
     parser.add_argument("--client", help=argparse.SUPPRESS)
     args = parser.parse_args()
     _raise_fd_limit()
@@ -217,6 +249,8 @@ def main() -> int:
             CDC_LOG_LEVEL="WARNING",
         )
         gateways: list[subprocess.Popen[bytes]] = []
+        haproxy: subprocess.Popen[bytes] | None = None
+        cfg: Path | None = None
         clients: list[subprocess.Popen[str]] = []
         try:
             cli = Path(sys.executable).parent / "cdc-dashboard"
@@ -232,8 +266,22 @@ def main() -> int:
                 )
             for port, gateway in zip(ports, gateways, strict=True):
                 wait_ready(port, gateway, 30)
+            targets = ports
+            if args.through_haproxy:
+                proxy_port, stats_port = _free_port(), _free_port()
+                cfg = Path(tempfile.mkstemp(prefix="fanout-haproxy-", suffix=".cfg")[1])
+                cfg.write_text(_haproxy_config(proxy_port, stats_port, ports))
+                subprocess.run(["haproxy", "-q", "-c", "-f", str(cfg)], check=True)
+                haproxy = subprocess.Popen(
+                    ["haproxy", "-db", "-f", str(cfg)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+                )
+                wait_ready(proxy_port, haproxy, 30)
+                # Every server UP (rise 2, checks 1 s apart), so that leastconn spreads over all of them.
+                time.sleep(3)
+                targets = [proxy_port]
             time.sleep(1)
             rss_before = [_rss_kib(g.pid) for g in gateways]
+            haproxy_rss_before = _rss_kib(haproxy.pid) if haproxy else 0
 
             outs = [Path(tempfile.mkstemp(prefix="fanout-", suffix=".json")[1]) for _ in range(args.clients)]
             shares = [
@@ -245,7 +293,7 @@ def main() -> int:
             offset = 0
             for share, out in zip(shares, outs, strict=True):
                 config = {
-                    "ports": ports,
+                    "ports": targets,
                     "sources": sources,
                     "offset": offset,
                     "count": share,
@@ -265,6 +313,8 @@ def main() -> int:
             connect_seconds = time.monotonic() - started
             time.sleep(args.settle)  # let the gateways settle (allocator, GC)
             rss_after = [_rss_kib(g.pid) for g in gateways]
+            haproxy_rss_after = _rss_kib(haproxy.pid) if haproxy else 0
+            haproxy_cpu_start = _cpu_seconds(haproxy.pid) if haproxy else 0.0
 
             def gateways_cpu() -> float:
                 return sum(_cpu_seconds(g.pid) for g in gateways)
@@ -285,6 +335,8 @@ def main() -> int:
                     )
                     time.sleep(args.interval)
             broadcast_cpu = (gateways_cpu() - cpu_start - idle_cpu * args.broadcasts) / args.broadcasts
+            # HAProxy's CPU over the idle interval and the broadcasts, per broadcast: heartbeats included.
+            haproxy_cpu = (_cpu_seconds(haproxy.pid) - haproxy_cpu_start) / args.broadcasts if haproxy else 0.0
             load_after = _uptime()
             arrivals: list[tuple[int, float]] = []
             for client, out in zip(clients, outs, strict=True):
@@ -296,6 +348,7 @@ def main() -> int:
             expected = connected * args.broadcasts
             result = {
                 "gateways": args.gateways,
+                "through_haproxy": args.through_haproxy,
                 "client_loop": args.client_loop,
                 "connections": connected,
                 "connect_failures": failures,
@@ -303,6 +356,18 @@ def main() -> int:
                 "gateway_rss_before_mib": [round(kib / 1024, 1) for kib in rss_before],
                 "gateway_rss_after_mib": [round(kib / 1024, 1) for kib in rss_after],
                 "rss_per_connection_kib": round((sum(rss_after) - sum(rss_before)) / max(1, connected), 1),
+                **(
+                    {
+                        "haproxy_rss_before_mib": round(haproxy_rss_before / 1024, 1),
+                        "haproxy_rss_after_mib": round(haproxy_rss_after / 1024, 1),
+                        "haproxy_rss_per_connection_kib": round(
+                            (haproxy_rss_after - haproxy_rss_before) / max(1, connected), 1
+                        ),
+                        "haproxy_cpu_ms_per_broadcast": round(1000 * haproxy_cpu, 1),
+                    }
+                    if haproxy
+                    else {}
+                ),
                 "broadcasts": args.broadcasts,
                 "gateway_cpu_ms_per_broadcast": round(1000 * broadcast_cpu, 1),
                 "gateway_cpu_us_per_delivery": round(1e6 * broadcast_cpu / max(1, connected), 1),
@@ -324,6 +389,11 @@ def main() -> int:
             for client in clients:
                 if client.poll() is None:
                     client.kill()
+            if haproxy and haproxy.poll() is None:
+                haproxy.terminate()
+                haproxy.wait(15)
+            if cfg:
+                cfg.unlink()
             for gateway in gateways:
                 if gateway.poll() is None:
                     gateway.send_signal(signal.SIGTERM)
