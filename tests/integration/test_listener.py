@@ -240,7 +240,10 @@ async def test_a_listener_that_is_never_quiet_still_prunes(db_url: str) -> None:
         conn.execute("update dashboard.events set created_at = now() - interval '8 days' where id <= 20")
         # idle_polls_before_sleep so large that the listener never takes its quiet path (where it also prunes).
         async with running_listener(db_url, prune_every=0.0, prune_batch_busy=7, idle_polls_before_sleep=10**9):
-            pruned = lambda: conn.execute("select pruned_through from dashboard.listener_state").fetchone()  # noqa: E731
+
+            def pruned() -> tuple[Any, ...] | None:
+                return conn.execute("select pruned_through from dashboard.listener_state").fetchone()
+
             deadline = time.monotonic() + 10
             while pruned() != (20,) and time.monotonic() < deadline:
                 await asyncio.to_thread(pay, conn, b)
