@@ -210,15 +210,20 @@ async def test_catches_up_what_was_written_while_stopped(db_url: str) -> None:
             assert set(offline) <= set(payment_ids_in_events(db_url))
 
 
+def events_of_which_the_first_20_are_old(conn: psycopg.Connection[Any], business: str) -> None:
+    """25 events, ids 1..25, of which 1..20 are past the default retention (7 days)."""
+    conn.execute(
+        "select dashboard.append_events_v1(array_fill(%s::text, array[25]), array_fill('invalidate'::text,"
+        " array[25]), array_fill('{}'::jsonb, array[25]))",
+        (business,),
+    )
+    conn.execute("update dashboard.events set created_at = now() - interval '8 days' where id <= 20")
+
+
 async def test_old_events_are_pruned_in_batches_and_marked(db_url: str) -> None:
     with psycopg.connect(db_url, autocommit=True) as conn:
         b = new_business(conn)
-        conn.execute(
-            "select dashboard.append_events_v1(array_fill(%s::text, array[25]), array_fill('invalidate'::text,"
-            " array[25]), array_fill('{}'::jsonb, array[25]))",
-            (b,),
-        )
-        conn.execute("update dashboard.events set created_at = now() - interval '8 days' where id <= 20")
+        events_of_which_the_first_20_are_old(conn, b)
         async with running_listener(db_url, prune_every=0.0, prune_batch=7):
             await wait_for(
                 lambda: conn.execute("select pruned_through from dashboard.listener_state").fetchone() == (20,)
@@ -232,12 +237,7 @@ async def test_a_listener_that_is_never_quiet_still_prunes(db_url: str) -> None:
     a small chunk between batches, or the events table would grow for as long as the payments flow."""
     with psycopg.connect(db_url, autocommit=True) as conn:
         b = new_business(conn)
-        conn.execute(
-            "select dashboard.append_events_v1(array_fill(%s::text, array[25]), array_fill('invalidate'::text,"
-            " array[25]), array_fill('{}'::jsonb, array[25]))",
-            (b,),
-        )
-        conn.execute("update dashboard.events set created_at = now() - interval '8 days' where id <= 20")
+        events_of_which_the_first_20_are_old(conn, b)
         # idle_polls_before_sleep so large that the listener never takes its quiet path (where it also prunes).
         async with running_listener(db_url, prune_every=0.0, prune_batch_busy=7, idle_polls_before_sleep=10**9):
 
