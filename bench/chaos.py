@@ -10,10 +10,10 @@ Set up (each piece a real process, as in production):
 - 2 listeners (`cdc-dashboard listen`): one active, one hot standby;
 - 2 gateways (`cdc-dashboard serve`); gateway 1 reaches the database through a TCP proxy that can freeze;
 - `--dashboards` SSE dashboards per business (aiohttp), each alternating between the gateways on every
-  reconnect and resuming with Last-Event-ID; one per business is a slow client: it stops reading for
-  `--slow-pause` seconds at a time, with small socket buffers, then reads on (resuming if the gateway cut it:
-  it does once what the sockets and the stream's buffer hold is full, which on loopback takes megabytes of
-  events, so the summary reports the gateways' own count of cuts);
+  reconnect and resuming with Last-Event-ID; one per business is a slow client: every few seconds it opens a
+  fresh stream (small socket buffers) and stops reading it for `--slow-pause` seconds, then reads on what
+  reached it and resumes with Last-Event-ID where the gateway cut it (see `slow_socket` for why a fresh stream:
+  on loopback, a long-lived one is cut only once megabytes wait);
 - `--writers` writers, each its own connection, whose transactions commit out of order: begin, insert a payment
   or a booking (and sometimes update an earlier one of the same business: a refund, a status change, a booking's
   payment status), hold the transaction open a random while (a few hold it for seconds), commit.
@@ -34,10 +34,14 @@ Then the writers stop, the listener drains, every dashboard catches up, and the 
 (c) every figure equals DESIGN's SQL over the base tables (tests/oracle.py): `GET /stats` through each gateway,
     and the stats, hourly and daily series and facts read from the database; nothing was set aside as a dead
     letter.
+(d) the slow-client fault happened: when a slow client's pause ran its full length, the gateways cut at least one
+    stream (their `cdc_gateway_slow_clients_dropped` counters, summed over restarts), and the cut clients still
+    lost nothing by (a).
 A transaction whose COMMIT failed (the connection died in it) may or may not have committed: it is settled
 after the run by whether its inserted row exists.
 
-Exit status 0 only when nothing was lost, duplicated, out of order or foreign, and no figure differs.
+Exit status 0 only when nothing was lost, duplicated, out of order or foreign, no figure differs, and the slow
+clients were cut.
 """
 
 from __future__ import annotations
@@ -82,8 +86,8 @@ from scratch import scratch_database, wait_ready  # noqa: E402  (bench/scratch.p
 CLI = str(Path(sys.executable).parent / "cdc-dashboard")
 SECRET = "bench-chaos-" + "c" * 40
 # Why these gateway settings: heartbeats often enough that a dead stream is noticed within the run; a small
-# per-stream buffer and send timeout so a slow client is cut within seconds rather than half a minute; no limit
-# on stream opens per address, since every dashboard here comes from 127.0.0.1.
+# per-stream buffer (16 events) and send timeout (2 s) so a slow client is cut within seconds of its socket
+# filling rather than half a minute; no limit on stream opens per address (every dashboard is on 127.0.0.1).
 GATEWAY_ENV = {
     "CDC_SSE_PING_SECONDS": "2",
     "CDC_SSE_QUEUE_SIZE": "16",
@@ -348,18 +352,28 @@ class Dashboard:
     connections: int = 0
     refused: int = 0
     pauses: int = 0
+    full_pauses: int = 0  # pauses that ran their whole length (not ended early by the drain)
+    ended_in_pause: int = 0  # paused streams that ended once read on (cut, or a gateway restart), not left
+    open_after_pause: int = 0  # full pauses whose stream was still open afterwards: not cut
+    pause_next: bool = False  # the next stream opened is one this (slow) client stops reading
     last_id: int = 0
     errors: list[str] = field(default_factory=list)  # this client's own failures (must be none)
 
 
 def slow_socket(addr_info: Any) -> socket.socket:
-    """A slow client's socket: what a pause leaves room for on the way from the gateway is kept small, so the
-    gateway's buffer for the stream fills sooner. On loopback the segment size is 64 KiB and the
-    kernel sizes the sender's buffer from it (megabytes): a small maximum segment, announced when connecting,
-    brings that down to what a real network would have; a small receive buffer does the same on this side."""
+    """A slow client's socket, with as little room as the kernel allows between the gateway and this client.
+
+    The minimum receive buffer (about 2 KiB) and a small maximum segment, announced when connecting, keep the
+    receiving side small. The gateway's side sizes itself: Linux grows a socket's send buffer to about three
+    congestion windows of segments, and on loopback (BBR, no loss, always application-limited) the congestion
+    window grows with every segment the connection has delivered: after a minute of events a stream's send
+    buffer holds megabytes, a pause of a minute leaves a few hundred kilobytes waiting, and no gateway ever cut
+    a slow client (the runs of 2026-12-07). So a slow client stops reading a stream it has just opened: its send
+    buffer stays at tens of kilobytes, then uvicorn buffers 64 KiB, then the gateway's send blocks and it cuts
+    the stream (CDC_SSE_SEND_TIMEOUT_SECONDS, or CDC_SSE_QUEUE_SIZE events waiting): about 100 KB of events."""
     family, kind, proto, _name, _addr = addr_info
     sock = socket.socket(family, kind, proto)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1)  # (raised to the kernel's minimum)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, 536)
     return sock
 
@@ -373,10 +387,19 @@ async def dashboard(
     slow_pause: float,
 ) -> None:
     """Follow the business's stream until `stop`, reconnecting (to the other gateway) with Last-Event-ID."""
-    connector = aiohttp.TCPConnector(socket_factory=slow_socket) if board.slow else aiohttp.TCPConnector()
+    # A slow client's connections are never reused (each pause needs a fresh one: see slow_socket), and it
+    # takes little into its own buffer once it stops reading (aiohttp stops reading the socket at 2 x 256 B).
+    connector = (
+        aiohttp.TCPConnector(socket_factory=slow_socket, force_close=True) if board.slow else aiohttp.TCPConnector()
+    )
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=15)
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout, read_bufsize=2**12) as session:
+    bufsize = 2**8 if board.slow else 2**12
+    next_pause = time.monotonic() + rng.uniform(3, 8)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout, read_bufsize=bufsize) as session:
         while not stop.is_set():
+            paused = paused_in_full = False
+            if board.slow and not draining.is_set() and time.monotonic() > next_pause:
+                board.pause_next = True  # the stream opened now is the one it stops reading
             port = ports[(board.index + board.connections) % len(ports)]
             board.connections += 1
             headers = {"Authorization": f"Bearer {board.token}", "Last-Event-ID": str(board.last_id)}
@@ -387,33 +410,51 @@ async def dashboard(
                         board.refused += 1  # a gateway restarting or draining: 503 with Retry-After
                         await asyncio.sleep(min(float(response.headers.get("Retry-After", "1")), 2))
                         continue
-                    await read_stream(board, response, draining, rng, slow_pause)
+                    if board.pause_next:
+                        board.pause_next = False
+                        paused = True
+                        full = board.full_pauses
+                        await pause(board, response, draining, rng, slow_pause)
+                        paused_in_full = board.full_pauses > full
+                        next_pause = time.monotonic() + rng.uniform(3, 8)
+                    if await read_stream(board, response, draining, next_pause if board.slow else None):
+                        board.open_after_pause += paused and paused_in_full
+                        continue  # it left the stream itself, to open the one it pauses: at once
+                    board.ended_in_pause += paused
             except (aiohttp.ClientError, TimeoutError, ConnectionError):
-                pass  # the gateway went away or cut the stream: resume
+                board.ended_in_pause += paused  # the gateway went away or cut the stream: resume
             except Exception as exc:  # a bug of this client: reported, and the dashboard carries on
                 board.errors.append(repr(exc))
             await asyncio.sleep(rng.uniform(0.1, 0.6))
 
 
-async def read_stream(
-    board: Dashboard, response: aiohttp.ClientResponse, draining: asyncio.Event, rng: random.Random, slow_pause: float
+async def pause(
+    board: Dashboard, response: aiohttp.ClientResponse, draining: asyncio.Event, rng: random.Random, seconds: float
 ) -> None:
-    """Read SSE messages until the stream ends (a slow client pauses now and then)."""
+    """Stop reading a fresh stream: the gateway's send blocks, its buffer for the stream fills, and it cuts the
+    stream; the client then reads on what reached it and resumes, by Last-Event-ID, with what it missed."""
+    board.pauses += 1
+    try:  # (a pause ends early when the run starts draining)
+        await asyncio.wait_for(draining.wait(), rng.uniform(0.8, 1.2) * seconds)
+    except TimeoutError:
+        board.full_pauses += 1
+
+
+async def read_stream(
+    board: Dashboard, response: aiohttp.ClientResponse, draining: asyncio.Event, leave_at: float | None
+) -> bool:
+    """Read SSE messages until the stream ends (False), or until the first message after `leave_at` (True; not
+    once the run drains)."""
     lines: list[str] = []
-    next_pause = time.monotonic() + rng.uniform(3, 8)
     async for line in sse_lines(response):
         if line:
             lines.append(line)
             continue
         handle_message(board, lines)
         lines = []
-        if board.slow and not draining.is_set() and time.monotonic() > next_pause:
-            # Stop reading: the gateway's send blocks, its buffer for this stream fills, and it cuts the
-            # stream; what was missed comes back on resume.
-            board.pauses += 1
-            with suppress(TimeoutError):  # (a pause ends early when the run starts draining)
-                await asyncio.wait_for(draining.wait(), rng.uniform(0.8, 1.2) * slow_pause)
-            next_pause = time.monotonic() + rng.uniform(3, 8)
+        if leave_at is not None and time.monotonic() > leave_at and not draining.is_set():
+            return True
+    return False
 
 
 async def sse_lines(response: aiohttp.ClientResponse) -> AsyncIterator[str]:
@@ -717,6 +758,11 @@ async def chaos(args: argparse.Namespace, url: str, server: Any, logs: Path) -> 
         proxy.stop()
     load_after = uptime()
 
+    # The slow-client fault must have happened: a pause that ran its length and no cut means it was not tested.
+    full_pauses = sum(b.full_pauses for b in boards)
+    cuts = procs.counters[GATEWAY_COUNTERS["cdc_gateway_slow_clients_dropped_total"]]
+    if full_pauses and not cuts:
+        report["problems"].append(f"{full_pauses} slow-client pauses ran their full length and no gateway cut one")
     failed = (
         not caught_up
         or report["problems"]
@@ -732,9 +778,14 @@ async def chaos(args: argparse.Namespace, url: str, server: Any, logs: Path) -> 
     print(f"events: {report['events']} over {len(businesses)} businesses; dashboards: {len(boards)}")
     print(
         f"dashboards: {sum(b.connections for b in boards) - len(boards)} reconnects,"
-        f" {sum(b.refused for b in boards)} refused (503/429), slow clients: {sum(b.pauses for b in boards)} pauses"
-        f" (cut: the gateways' count below); resyncs {report['resyncs']};"
+        f" {sum(b.refused for b in boards)} refused (503/429); resyncs {report['resyncs']};"
         f" {sum(b.truncated for b in boards)} events (per dashboard) listed only their first 100 changes"
+    )
+    print(
+        f"slow clients: {sum(b.pauses for b in boards)} pauses ({full_pauses} of {args.slow_pause:g} s ±20% in full,"
+        f" the others ended by the drain); {sum(b.ended_in_pause for b in boards)} paused streams found ended when"
+        f" read on, {sum(b.open_after_pause for b in boards)} full pauses' streams still open; the gateways cut"
+        f" {cuts:g} slow clients"
     )
     print("gateways: " + ", ".join(f"{name} {value:g}" for name, value in sorted(procs.counters.items())))
     print(f"faults ({len(clock.faults)}):")

@@ -4,13 +4,15 @@ nothing foreign, every figure exact.
 It runs the script as `make chaos` does, on a shorter schedule: the same real processes (2 listeners, 2 gateways,
 one of them behind a freezing proxy), the same faults (listener backends terminated every few seconds, the
 active listener SIGKILLed, a PostgreSQL restart, gateway SIGTERM and SIGKILL, a frozen database path, slow
-clients) and the same verification. The script owns its PostgreSQL (an embedded server in a temporary
-directory), so it can restart it without disturbing the suite's server.
+clients that stop reading until the gateway cuts them) and the same verification. The script owns its
+PostgreSQL (an embedded server in a temporary directory), so it can restart it without disturbing the suite's
+server.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -48,3 +50,7 @@ def test_chaos_for_a_minute_loses_nothing() -> None:
     assert "RESULT: PASS" in summary
     for fault in FAULTS:  # every scheduled fault was injected, none skipped
         assert fault in summary, f"{fault!r} missing from:\n{summary}"
+    # The slow clients stopped reading long enough to be cut (the script fails a run whose pauses cut none;
+    # this one always has a full pause: the first starts 3-8 s in and lasts 20-30 s of the 45).
+    cuts = re.search(r"the gateways cut (\d+) slow clients", summary)
+    assert cuts and int(cuts.group(1)) >= 1, summary
