@@ -10,7 +10,7 @@ Set up (each piece a real process, as in production):
 - 2 listeners (`cdc-dashboard listen`): one active, one hot standby;
 - 2 gateways (`cdc-dashboard serve`); gateway 1 reaches the database through a TCP proxy that can freeze;
 - `--dashboards` SSE dashboards per business (aiohttp), each alternating between the gateways on every
-  reconnect and resuming with Last-Event-ID; one per business is a slow client: every few seconds it opens a
+  reconnect and resuming with Last-Event-ID; one per business is a slow client: 3-8 s after each pause it opens a
   fresh stream (small socket buffers) and stops reading it for `--slow-pause` seconds, then reads on what
   reached it and resumes with Last-Event-ID where the gateway cut it (see `slow_socket` for why a fresh stream:
   on loopback, a long-lived one is cut only once megabytes wait);
