@@ -27,6 +27,15 @@ _SENSITIVE = {
 }
 
 
+def _comma_separated(value: Any) -> Any:
+    """A list variable's entries: split on commas when it came as one string, stripped, blanks dropped; anything
+    that is not a list is left for pydantic to refuse."""
+    entries = value.split(",") if isinstance(value, str) else value
+    if not isinstance(entries, list):
+        return entries
+    return [str(e).strip() for e in entries if str(e).strip()]
+
+
 class ConfigError(Exception):
     """A configuration value is missing or wrong; the message is one line meant for the operator."""
 
@@ -79,7 +88,7 @@ class Settings(BaseSettings):
             raise ValueError("must start with postgresql:// (for example postgresql://user@host:5432/db)")
         return value
 
-    @field_validator("secret")
+    @field_validator("secret", "admin_secret")
     @classmethod
     def _long_enough(cls, value: str | None) -> str | None:
         if value is not None and len(value) < 32:
@@ -89,34 +98,25 @@ class Settings(BaseSettings):
     @field_validator("secret_previous", mode="before")
     @classmethod
     def _key_list(cls, value: Any) -> Any:
-        entries = value.split(",") if isinstance(value, str) else value
-        if not isinstance(entries, list):
-            return entries
-        cleaned = [str(e).strip() for e in entries if str(e).strip()]
-        if any(len(key) < 32 for key in cleaned):
+        cleaned = _comma_separated(value)
+        if isinstance(cleaned, list) and any(len(key) < 32 for key in cleaned):
             raise ValueError("each key must be at least 32 characters (comma-separated earlier CDC_SECRETs)")
         return cleaned
 
     @field_validator("admin_secret")
     @classmethod
     def _separate_admin_key(cls, value: str | None, info: ValidationInfo) -> str | None:
-        if value is None:
-            return value
-        if len(value) < 32:
-            raise ValueError("must be at least 32 characters (HS256 key)")
-        # The same key for both would let every business token's signer mint admin tokens: the point is lost.
-        if value == info.data.get("secret") or value in info.data.get("secret_previous", []):
+        # (Its length is checked by _long_enough.) The same key for both would let every business token's
+        # signer mint admin tokens: the point is lost.
+        if value is not None and (value == info.data.get("secret") or value in info.data.get("secret_previous", [])):
             raise ValueError("must differ from CDC_SECRET and CDC_SECRET_PREVIOUS")
         return value
 
     @field_validator("mpesa_allowed_ips", "trusted_proxies", mode="before")
     @classmethod
     def _address_list(cls, value: Any) -> Any:
-        entries = value.split(",") if isinstance(value, str) else value
-        if not isinstance(entries, list):
-            return entries
-        cleaned = [str(e).strip() for e in entries if str(e).strip()]
-        for entry in cleaned:
+        cleaned = _comma_separated(value)
+        for entry in cleaned if isinstance(cleaned, list) else []:
             try:
                 ipaddress.ip_network(entry, strict=False)
             except ValueError:
