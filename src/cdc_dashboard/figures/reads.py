@@ -212,6 +212,13 @@ def _default_start(granularity: Granularity, end: datetime, tz: ZoneInfo) -> dat
     return datetime.combine(_add_months(local_end.date(), -11), datetime.min.time(), tz)
 
 
+def _granularity(value: str | None) -> Granularity:
+    """The requested granularity (absent or empty: day), or BadRequest."""
+    if value not in (None, "", "hour", "day", "month"):
+        raise BadRequest("granularity must be one of hour, day, month")
+    return cast(Granularity, value or "day")
+
+
 @dataclass(frozen=True)
 class SeriesPlan:
     """What a revenue request asks for, checked: the instants, the buckets, and the SQL bounds of the query."""
@@ -229,9 +236,7 @@ def plan_series(granularity: str | None, start: str | None, end: str | None, tz:
 
     Pure (no database), so the property tests can try any input: anything it returns can be queried.
     """
-    if granularity not in (None, "", "hour", "day", "month"):
-        raise BadRequest("granularity must be one of hour, day, month")
-    gran: Granularity = cast(Granularity, granularity or "day")
+    gran = _granularity(granularity)
     end_at = _parse_instant("to", end, tz) if end else now
     start_at = _parse_instant("from", start, tz) if start else _default_start(gran, end_at, tz)
     if start_at >= end_at:
@@ -262,8 +267,7 @@ async def revenue_series(
     Defaults: the last 24 hours, 30 days or 12 months up to now. None for an unknown business.
     """
     # Checked before the database too (plan_series checks it again): a bad granularity is a 400 for any id.
-    if granularity not in (None, "", "hour", "day", "month"):
-        raise BadRequest("granularity must be one of hour, day, month")
+    _granularity(granularity)
     tz_name = await conn.fetchval(queries("figures")["business_timezone"], business_id)
     if tz_name is None:
         return None
