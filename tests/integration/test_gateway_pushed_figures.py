@@ -13,8 +13,11 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import aiohttp
+import jsonschema_rs
 import psycopg
 import pytest
+
+from cdc_dashboard.gateway.openapi import document
 
 from ..listening import wait_for
 from .gateway_support import Gateway, SSEEvent, SSEStream, append_events, open_stream, run_gateway, token_for
@@ -101,7 +104,13 @@ async def test_a_payment_event_carries_the_figures_get_stats_returns(db_url: str
     assert figures["payments_count"] == 1
     assert figures["revenue"]["KES"]["total_minor"] == 150_000
     assert figures["revenue"]["KES"]["today_minor"] == 150_000
-    # The rest of the event is the stored payload, unchanged.
+    # The event matches the OpenAPI document's event schema (Stats included), and the rest of it is the stored
+    # payload, unchanged.
+    doc = document()
+    event_schema = doc["components"]["schemas"]["StreamEvent"]["properties"]["data"]["contentSchema"]
+    validator = jsonschema_rs.validator_for({"components": doc["components"], **event_schema})
+    assert validator.is_valid(event.json()), list(validator.iter_errors(event.json()))
+    assert not validator.is_valid({**event.json(), "figures": {"dashboard-stats": {"business_id": b}}})
     data = event.json()
     del data["figures"]
     assert data == _stored_payload(db_url, int(event.id or 0))
