@@ -21,6 +21,7 @@ import psycopg
 import pytest
 
 from cdc_dashboard.gateway.database import DatabaseUnavailable, borrow, create_pool
+from cdc_dashboard.gateway.pushed_figures import READ_TIMEOUT_SECONDS
 from cdc_dashboard.ingest.paystack import sign
 
 from ..listening import wait_for
@@ -272,3 +273,42 @@ async def test_a_connection_lost_under_a_request_is_unavailable_and_replaced(
             assert await conn.fetchval("select 1") == 1
     finally:
         pool.terminate()
+
+
+async def test_a_path_that_freezes_during_the_figures_read_delays_events_by_its_timeout_only(
+    db_url: str, gateway: Gateway, proxy: FreezableProxy, business: str
+) -> None:
+    """The hub reads the figures it pushes with a batch on its LISTEN connection (gateway/pushed_figures.py). The
+    path freezes while that read runs: the batch goes out without figures once the read's timeout passes, the
+    hub then replaces its connection (the read's cancellation never arrives), and events flow, with figures,
+    once the path is back."""
+    hub = gateway.app_state.hub
+    async with open_stream(gateway.url, business, token_for(business)) as stream:
+        with psycopg.connect(db_url) as locker, locker.transaction():
+            # Straight to PostgreSQL: the figures read waits for this lock, so it is in flight when the path dies.
+            locker.execute("lock table businesses in access exclusive mode")
+            [during] = append_events(db_url, (business, "invalidate"))
+
+            def read_waits_for_the_lock() -> bool:
+                with psycopg.connect(db_url, autocommit=True) as conn:
+                    row = conn.execute(
+                        "select count(*) from pg_stat_activity where application_name like 'cdc-dashboard gateway%'"
+                        " and wait_event_type = 'Lock'"
+                    ).fetchone()
+                return row is not None and row[0] == 1
+
+            await wait_for(read_waits_for_the_lock, timeout=10)
+            proxy.freeze()
+            started = time.monotonic()
+            event = await stream.next_event(timeout=10)
+            waited = time.monotonic() - started
+        assert event is not None and event.id == str(during)
+        assert "figures" not in event.json()
+        assert waited < READ_TIMEOUT_SECONDS + 1.5, waited
+        await wait_for(lambda: not hub.listening.is_set(), timeout=15)
+        proxy.restore()
+        [after] = append_events(db_url, (business, "invalidate"))
+        event = await stream.next_event(timeout=20)
+        assert event is not None and event.id == str(after)
+        assert event.json()["figures"]["dashboard-stats"]["business_id"] == business
+    assert hub.reconnects >= 1

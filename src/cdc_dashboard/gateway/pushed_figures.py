@@ -27,7 +27,10 @@ The rules, and why:
 The read runs on the hub's own LISTEN connection, between reading the batch and dispatching it: it needs no
 pooled connection, so a pool busy with HTTP requests (up to its acquire timeout) never delays live events, and
 it runs once per batch by construction. While it runs, new events wait in the table and are read, with their
-figures, as the next batch (batches grow with load: more events per read).
+figures, as the next batch (batches grow with load: more events per read). A read that times out is cancelled
+on the server; when the path is dead and that cancellation is never acknowledged, asyncpg terminates the
+connection within the next statement's timeout, and the hub reconnects and catches up by id, losing nothing
+(tests/integration/test_gateway_outage.py freezes the path during a read).
 """
 
 from __future__ import annotations
