@@ -19,7 +19,8 @@ The rules, and why:
   whose `as_of_event_id` is `dashboard.listener_state.last_event_id`; every appender (the listener, a manual
   refresh) moves it in the transaction that appends the event and changes the figures, so it is normally at
   least the batch's last id. An event above it (appended by some other path) gets no figures: the client then
-  refetches, as it does for every key not pushed.
+  refetches, as it does for every key not pushed. A manual refresh's event carries figures like any other:
+  its transaction rebuilt them and moved `last_event_id` to the event.
 - A read that fails or takes longer than READ_TIMEOUT_SECONDS (a lock, a slow or dead database) costs the batch
   its figures, not its delivery: the events go out plain, dashboards refetch, one line is logged.
 - `invalidate` events only: a `resync` makes the client refetch everything.
