@@ -56,10 +56,10 @@ async def _stats(gw: Gateway, business: str) -> dict[str, Any]:
         return body
 
 
-async def _metric(gw: Gateway, name: str) -> float:
+async def _metric(gw: Gateway, name: str, suffix: str = "_total") -> float:
     async with aiohttp.ClientSession() as session, session.get(f"{gw.url}/metrics") as r:
         text = await r.text()
-    match = re.search(rf"^{name}_total (\S+)$", text, re.MULTILINE)
+    match = re.search(rf"^{name}{suffix} (\S+)$", text, re.MULTILINE)
     assert match is not None, f"{name} is not in /metrics"
     return float(match.group(1))
 
@@ -149,6 +149,7 @@ async def test_one_figures_read_per_batch_whatever_the_streams_and_businesses(db
             # The two streams of b1 got the same figures (one read, one frame).
             assert got[0][-1].data == got[1][-1].data
             assert await _metric(gw, "cdc_gateway_figures_reads") == reads + 1
+            assert await _metric(gw, "cdc_gateway_figures_read_seconds", "_count") == reads + 1
             # Two events carried figures (b1's and b2's last), counted once each, not per stream.
             assert await _metric(gw, "cdc_gateway_figures_pushed") == pushed + 2
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, ProcessCollector
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
 __all__ = ["GatewayMetrics"]
 
@@ -79,6 +79,13 @@ class GatewayMetrics:
         self.figures_reads = Counter(
             "cdc_gateway_figures_reads",
             "reads of the dashboard-stats figures pushed with live events (one statement per batch of events)",
+            registry=self.registry,
+        )
+        # The read happens before its batch is delivered: this is the delay it adds to those live events.
+        self.figures_read_seconds = Histogram(
+            "cdc_gateway_figures_read_seconds",
+            "duration of each figures read, successful or not (its batch of live events waits for it)",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
             registry=self.registry,
         )
         self.figures_read_failures = Counter(

@@ -113,7 +113,8 @@ async def live_payloads(
         return {}
     metrics.figures_reads.inc()
     try:
-        found = await reads.stats_of(conn, list(events), timeout=READ_TIMEOUT_SECONDS)
+        with metrics.figures_read_seconds.time():
+            found = await reads.stats_of(conn, list(events), timeout=READ_TIMEOUT_SECONDS)
     except Exception as exc:
         # Whatever it was, the batch is delivered: an error here must never hold events back (the hub would
         # retry the same batch, and fail the same way, forever). A database that is away or slow is expected
