@@ -277,9 +277,9 @@ export function connectDashboard(options) {
 
   function setIfNotOlder(queryKey, body) {
     // Cancel first: a fetch already in flight may have read the database before this event and would
-    // otherwise land after (and over) the pushed body. TanStack reverts a cancelled fetch's state
-    // asynchronously, hence setting the data only once the cancellation has settled (its optimistic-update
-    // recipe does the same).
+    // otherwise land after (and over) the pushed body. TanStack restores a cancelled fetch's earlier state
+    // (revert), so the data is set only once the cancellation has settled, as its optimistic-update recipe
+    // does; the comparison below then sees what the cache really holds.
     Promise.resolve(queryClient.cancelQueries?.({ queryKey, exact: true }))
       .then(() => {
         const cached = queryClient.getQueryData?.(queryKey);
