@@ -122,7 +122,7 @@ async def bench_query(url: str, n: int) -> None:
             for _ in range(n):
                 b = pick()
                 t = time.perf_counter()
-                await conn.fetchrow(q, b)
+                await conn.fetch(q, [b])
                 ms.append((time.perf_counter() - t) * 1000)
             print(summary(label, ms[n // 10 :]), flush=True)  # the first tenth warms plans and caches
     finally:

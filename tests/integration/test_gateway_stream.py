@@ -12,6 +12,7 @@ import aiohttp
 import psycopg
 import pytest
 
+from ..listening import wait_for
 from .gateway_support import append_events, open_stream, run_gateway, token_for
 
 
@@ -152,10 +153,12 @@ async def test_resume_within_memory_needs_no_database_row(db_url: str) -> None:
     b = _new_business()
     async with run_gateway(db_url) as gw:
         ids = append_events(db_url, *[(b, "invalidate")] * 3)
-        # Wait until this gateway has dispatched them (a stream sees the last one).
+        # Wait until this gateway has dispatched them (a stream sees the last one, and the hub is past it: the
+        # stream may have read it from the table while the hub was still reading the batch's figures).
         async with open_stream(gw.url, b, token_for(b), last_event_id=ids[1]) as stream:
             event = await stream.next_event()
             assert event is not None and event.id == str(ids[2])
+        await wait_for(lambda: gw.app_state.hub.position >= ids[2], timeout=5)
         with psycopg.connect(db_url, autocommit=True) as conn:
             conn.execute("delete from dashboard.events where id <= %s", (ids[2],))
             conn.execute("update dashboard.listener_state set pruned_through = %s", (ids[2],))

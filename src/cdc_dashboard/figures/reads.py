@@ -13,6 +13,7 @@ import base64
 import binascii
 import json
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Any, Literal, cast
@@ -42,6 +43,7 @@ __all__ = [
     "plan_series",
     "revenue_series",
     "stats",
+    "stats_of",
 ]
 
 Granularity = Literal["hour", "day", "month"]
@@ -118,10 +120,17 @@ def _figures_from_row(business_id: uuid.UUID, row: asyncpg.Record) -> Figures:
 
 async def stats(conn: AsyncConnection, business_id: uuid.UUID) -> Figures | None:
     """The business's figures, or None when there is no such business."""
-    row = await conn.fetchrow(queries("figures")["stats"], business_id)
-    if row is None or not row["found"]:
-        return None
-    return _figures_from_row(business_id, row)
+    return (await stats_of(conn, [business_id])).get(business_id)
+
+
+async def stats_of(
+    conn: AsyncConnection, business_ids: Sequence[uuid.UUID], *, timeout: float | None = None
+) -> dict[uuid.UUID, Figures]:
+    """The figures of these businesses, all as of the same event, in one statement; unknown ids are left out.
+
+    `timeout` bounds the statement (None: the connection's own command timeout)."""
+    rows = await conn.fetch(queries("figures")["stats"], business_ids, timeout=timeout)
+    return {row["business_id"]: _figures_from_row(row["business_id"], row) for row in rows if row["found"]}
 
 
 async def business_data(conn: AsyncConnection, business_id: uuid.UUID) -> dict[str, Any] | None:

@@ -8,6 +8,9 @@ skips a late commit, and a cut connection loses nothing: the next catch-up reads
 Streams register a `Subscriber` before their response starts. Every event the hub dispatches after that moment
 reaches the subscriber's bounded buffer; the stream replays older events from the database itself and drops
 the overlap by id. A subscriber whose buffer is full is cut (it resumes by Last-Event-ID, losing nothing).
+
+Each batch the hub reads goes out with the `dashboard-stats` figures of its businesses spliced into their last
+event, read once for the batch (gateway/pushed_figures.py); the hub's memory keeps the events as stored.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from ..db import connect_dedicated
 from ..db.backoff import Backoff
 from ..sqlfiles import queries
 from .metrics import GatewayMetrics
+from .pushed_figures import live_payloads
 
 __all__ = ["CHANNEL", "Hub", "HubEvent", "Subscriber", "encode_event"]
 
@@ -371,8 +375,11 @@ class Hub:
         sql = queries("gateway")["hub_catch_up"]
         while True:
             rows = await self._conn.fetch(sql, self.position, _BATCH)
+            # The figures of the batch's businesses that have a stream here, read once for the whole batch, go
+            # with each one's last event (gateway/pushed_figures.py); a failed read only leaves them out.
+            live = await live_payloads(self._conn, rows, self._by_business, self._metrics) if rows else {}
             for row in rows:
-                self._dispatch(row)
+                self._dispatch(row, live.get(row["id"]))
                 # Let the streams write what they were given before the next event: a burst for one business
                 # must not overflow the buffer of a client that is reading.
                 await asyncio.sleep(0)
@@ -389,11 +396,14 @@ class Hub:
         # Conservative: ids below the oldest loaded one may have been pruned, so memory starts just before it.
         self._recent_floor = self._recent[0].id - 1 if self._recent else self.position
 
-    def _dispatch(self, row: asyncpg.Record) -> None:
-        event = _event(row)
+    def _dispatch(self, row: asyncpg.Record, live_payload: str | None = None) -> None:
+        """Deliver one event to its streams; `live_payload` (the payload with figures) replaces the stored one
+        for them, while memory keeps the stored one: replays never carry figures."""
+        stored = _event(row)
+        event = stored if live_payload is None else _event(row, live_payload)
         if self._recent.maxlen and len(self._recent) == self._recent.maxlen:
             self._recent_floor = self._recent[0].id  # about to be evicted
-        self._recent.append(event)
+        self._recent.append(stored)
         if event.business_id is None:
             targets = [sub for subs in self._by_business.values() for sub in subs]
         else:
@@ -408,10 +418,11 @@ class Hub:
         self._metrics.position.set(event.id)
 
 
-def _event(row: asyncpg.Record) -> HubEvent:
+def _event(row: asyncpg.Record, payload: str | None = None) -> HubEvent:
+    """The event of a row, with its stored payload or the one given."""
     return HubEvent(
         id=row["id"],
         business_id=row["business_id"],
         kind=row["kind"],
-        encoded=encode_event(row["id"], row["kind"], row["payload"]),
+        encoded=encode_event(row["id"], row["kind"], row["payload"] if payload is None else payload),
     )

@@ -74,6 +74,28 @@ class GatewayMetrics:
             "retry` or `discard` (read at scrape)",
             registry=self.registry,
         )
+        # Figures pushed with live events (gateway/pushed_figures.py): one read per batch of events that has a
+        # business with a stream here, whatever the number of streams, businesses and events in it.
+        self.figures_reads = Counter(
+            "cdc_gateway_figures_reads",
+            "reads of the dashboard-stats figures pushed with live events (one statement per batch of events)",
+            registry=self.registry,
+        )
+        self.figures_read_failures = Counter(
+            "cdc_gateway_figures_read_failures",
+            "figures reads that failed or timed out (that batch's events went out without figures)",
+            registry=self.registry,
+        )
+        self.figures_pushed = Counter(
+            "cdc_gateway_figures_pushed",
+            "events dispatched with their business's figures (counted once per event, not per stream)",
+            registry=self.registry,
+        )
+        self.figures_withheld = Counter(
+            "cdc_gateway_figures_withheld",
+            "events sent without figures because the figures read was older than the event",
+            registry=self.registry,
+        )
         self.position = Gauge(
             "cdc_gateway_position", "id of the last event this gateway dispatched", registry=self.registry
         )

@@ -419,7 +419,14 @@ _SCHEMAS: dict[str, Schema] = {
                         "payments": {"type": "array", "items": {"type": "object"}},
                         "committed_at": _TIME,
                         "reason": {"type": "string", "description": "e.g. manual_refresh, history_unavailable"},
-                        "figures": {"type": "object", "description": "query key -> the body GET would return"},
+                        "figures": {
+                            "type": "object",
+                            "description": "live events only, on a business's last event of a delivery batch: "
+                            "query key name -> the body its GET returns at that moment, `as_of_event_id` >= this "
+                            "event's id; set it as the query's data instead of refetching (docs/API.md)",
+                            "properties": {"dashboard-stats": _schema("Stats")},
+                            "additionalProperties": False,
+                        },
                     },
                 },
             },
