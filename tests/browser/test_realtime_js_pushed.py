@@ -1,11 +1,12 @@
 """Pushed figures in `/static/realtime.js`: a live event that carries `figures` sets those queries' data instead of
 invalidating them, never replacing newer cached data, and invalidates the rest as before.
 
-The first tests drive the module with events the test scripts (an EventSource stand-in passed through
+These tests drive the module with events the test scripts (an EventSource stand-in passed through
 `connectDashboard`'s `EventSource` option), because the rules are about orderings a real stream produces only by
 chance: a cached body newer than the push, an invalidation still waiting in the coalescing window. The module,
-the page and the browser are real; only the event source is scripted. The pushed events of a real gateway are
-exercised in test_realtime_js.py and test_dashboard.py.
+the page and the browser are real; only the event source is scripted. A real gateway's pushed events are
+exercised in test_realtime_js.py and test_dashboard.py (the gateway side: tests/unit/test_pushed_figures.py,
+tests/integration/test_gateway_pushed_figures.py).
 """
 
 from __future__ import annotations
