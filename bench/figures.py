@@ -7,7 +7,8 @@ applies the schema, loads bench/figures_data.sql (1M payments over 10k businesse
 300k bookings; generate_series, capture triggers bypassed), and builds the aggregates once (the chunked
 rebuild of `aggregates rebuild`). Then:
 
-1. stats query: the `stats` statement alone over asyncpg, one connection, random businesses (and the large one);
+1. stats query: the `stats` statement alone over asyncpg, one connection, random businesses (and the large one),
+   then for batches of 10, 100 and 1,000 businesses (what the gateway reads for the figures it pushes);
 2. stats endpoint: `cdc-dashboard serve` in its own process, `--concurrency` aiohttp clients, random businesses;
 3. maintenance: `dashboard.sync_payments_v3` (what the listener's batch calls for the payments it consumed) for
    batches of status flips, and the `rebuild` query (manual refresh / `aggregates rebuild`) per business;
@@ -125,6 +126,24 @@ async def bench_query(url: str, n: int) -> None:
                 await conn.fetch(q, [b])
                 ms.append((time.perf_counter() - t) * 1000)
             print(summary(label, ms[n // 10 :]), flush=True)  # the first tenth warms plans and caches
+        # The same statement for a batch of businesses, as the gateway reads the figures it pushes with a batch
+        # of live events (gateway/pushed_figures.py): one statement per batch instead of one GET per dashboard.
+        for size in (10, 100, 1000):
+            rounds = max(20, n // size)
+            ms = []
+            for _ in range(rounds):
+                batch = random.sample(rest, size)
+                t = time.perf_counter()
+                rows = await conn.fetch(q, batch)
+                ms.append((time.perf_counter() - t) * 1000)
+                assert len(rows) == size
+            measured = ms[rounds // 10 :]
+            per = sorted(measured)[len(measured) // 2] / size * 1000
+            print(
+                summary(f"stats query, batch of {size} random businesses", measured)
+                + f" ({per:.0f} µs per business at p50)",
+                flush=True,
+            )
     finally:
         await conn.close()
 
