@@ -1,4 +1,5 @@
-"""Browser-test harness: a real gateway process, where Chromium is, and appending events to the durable log."""
+"""Browser-test harness: a real gateway process, where Chromium is, appending events to the durable log, and a
+business whose payments are recorded as the payment app records them."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import sys
 import time
 import urllib.error
 import urllib.request
+import uuid
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -20,7 +23,17 @@ from cdc_dashboard.tokens import create_token
 from ..processes import stop_process
 from ..query_keys import manual_refresh_payload
 
-__all__ = ["CHROMIUM", "CHROMIUM_ARGS", "SECRET", "Gateway", "append_invalidations"]
+__all__ = [
+    "CHROMIUM",
+    "CHROMIUM_ARGS",
+    "SECRET",
+    "Gateway",
+    "Shop",
+    "append_invalidations",
+    "complete_payment",
+    "record_payment",
+    "seed_shop",
+]
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking"]
@@ -92,3 +105,60 @@ def append_invalidations(db_url: str, business_id: str, count: int) -> None:
                 "select dashboard.append_events_v1(%s, %s, %s::jsonb[])",
                 ([business_id], ["invalidate"], [payload]),
             )
+
+
+@dataclass(frozen=True)
+class Shop:
+    business_id: str
+    unpaid_booking_id: str
+
+
+def seed_shop(db_url: str) -> Shop:
+    """A business with one regular client who paid KES 2,500 today, and an unpaid booking for a newcomer."""
+    business_id, regular, booking = (str(uuid.uuid4()) for _ in range(3))
+    with psycopg.connect(db_url) as conn:
+        conn.execute("insert into businesses (id, name) values (%s, 'Wanjiru Beauty Studio')", (business_id,))
+        conn.execute("insert into clients (id, name, phone) values (%s, 'Otieno', '+254700000001')", (regular,))
+        conn.execute(
+            "insert into payments (business_id, client_id, amount_minor, currency, method, status, paid_at)"
+            " values (%s, %s, 250000, 'KES', 'cash', 'completed', now())",
+            (business_id, regular),
+        )
+        conn.execute(
+            "insert into bookings (id, business_id, amount_due_minor, currency) values (%s, %s, 150000, 'KES')",
+            (booking, business_id),
+        )
+    return Shop(business_id, booking)
+
+
+def complete_payment(db_url: str, shop: Shop, client_name: str, amount_minor: int, *, booking: bool) -> str:
+    """What the payment app does when a new client pays by M-Pesa: one transaction over all payment tables."""
+    with psycopg.connect(db_url) as conn:
+        return record_payment(conn, shop, client_name, amount_minor, booking=booking)
+
+
+def record_payment(conn: psycopg.Connection, shop: Shop, client_name: str, amount_minor: int, *, booking: bool) -> str:
+    client_id, payment_id = str(uuid.uuid4()), str(uuid.uuid4())
+    booking_id = shop.unpaid_booking_id if booking else None
+    with conn.transaction():
+        conn.execute("insert into clients (id, name, phone) values (%s, %s, '+254711000000')", (client_id, client_name))
+        conn.execute(
+            "insert into payments (id, business_id, client_id, booking_id, amount_minor, currency, method, status,"
+            " paid_at) values (%s, %s, %s, %s, %s, 'KES', 'mpesa', 'completed', now())",
+            (payment_id, shop.business_id, client_id, booking_id, amount_minor),
+        )
+        conn.execute(
+            "insert into payment_transactions (business_id, payment_id, provider, amount_minor, currency, status)"
+            " values (%s, %s, 'mpesa', %s, 'KES', 'completed')",
+            (shop.business_id, payment_id, amount_minor),
+        )
+        conn.execute(
+            "insert into client_business_transactions (business_id, client_id, payment_id, type, amount_minor,"
+            " currency) values (%s, %s, %s, 'payment', %s, 'KES')",
+            (shop.business_id, client_id, payment_id, amount_minor),
+        )
+        if booking_id:
+            conn.execute(
+                "update bookings set payment_status = 'paid', client_id = %s where id = %s", (client_id, booking_id)
+            )
+    return payment_id

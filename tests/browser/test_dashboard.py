@@ -1,79 +1,24 @@
 """The seed's testing procedure, in a real browser: the owner's dashboard is open, a client payment completes in
-another connection, and the page shows it within 2 seconds, without a reload. Then: the gateway goes away and
-comes back, and the page says so, polls meanwhile, and catches up on what it missed.
+another connection, and the page shows it within 2 seconds, without a reload. The figures arrive with the live
+event, so the page fetches no `/stats` for it; a replayed event (no figures) is refetched. Then: the gateway
+goes away and comes back, and the page says so, polls meanwhile, and catches up on what it missed.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import time
-import uuid
-from dataclasses import dataclass
+import urllib.parse
+import urllib.request
 
 import psycopg
 import pytest
-from playwright.sync_api import Browser, Locator, Page, expect
+from playwright.sync_api import Browser, Locator, Page, Request, Route, expect
 
-from .harness import Gateway, append_invalidations
+from .harness import Gateway, Shop, append_invalidations, complete_payment, record_payment, seed_shop
 
 pytestmark = pytest.mark.browser
-
-
-@dataclass(frozen=True)
-class Shop:
-    business_id: str
-    unpaid_booking_id: str
-
-
-def seed_shop(db_url: str) -> Shop:
-    """A business with one regular client who paid KES 2,500 today, and an unpaid booking for a newcomer."""
-    business_id, regular, booking = (str(uuid.uuid4()) for _ in range(3))
-    with psycopg.connect(db_url) as conn:
-        conn.execute("insert into businesses (id, name) values (%s, 'Wanjiru Beauty Studio')", (business_id,))
-        conn.execute("insert into clients (id, name, phone) values (%s, 'Otieno', '+254700000001')", (regular,))
-        conn.execute(
-            "insert into payments (business_id, client_id, amount_minor, currency, method, status, paid_at)"
-            " values (%s, %s, 250000, 'KES', 'cash', 'completed', now())",
-            (business_id, regular),
-        )
-        conn.execute(
-            "insert into bookings (id, business_id, amount_due_minor, currency) values (%s, %s, 150000, 'KES')",
-            (booking, business_id),
-        )
-    return Shop(business_id, booking)
-
-
-def complete_payment(db_url: str, shop: Shop, client_name: str, amount_minor: int, *, booking: bool) -> str:
-    """What the payment app does when a new client pays by M-Pesa: one transaction over all payment tables."""
-    with psycopg.connect(db_url) as conn:
-        return record_payment(conn, shop, client_name, amount_minor, booking=booking)
-
-
-def record_payment(conn: psycopg.Connection, shop: Shop, client_name: str, amount_minor: int, *, booking: bool) -> str:
-    client_id, payment_id = str(uuid.uuid4()), str(uuid.uuid4())
-    booking_id = shop.unpaid_booking_id if booking else None
-    with conn.transaction():
-        conn.execute("insert into clients (id, name, phone) values (%s, %s, '+254711000000')", (client_id, client_name))
-        conn.execute(
-            "insert into payments (id, business_id, client_id, booking_id, amount_minor, currency, method, status,"
-            " paid_at) values (%s, %s, %s, %s, %s, 'KES', 'mpesa', 'completed', now())",
-            (payment_id, shop.business_id, client_id, booking_id, amount_minor),
-        )
-        conn.execute(
-            "insert into payment_transactions (business_id, payment_id, provider, amount_minor, currency, status)"
-            " values (%s, %s, 'mpesa', %s, 'KES', 'completed')",
-            (shop.business_id, payment_id, amount_minor),
-        )
-        conn.execute(
-            "insert into client_business_transactions (business_id, client_id, payment_id, type, amount_minor,"
-            " currency) values (%s, %s, %s, 'payment', %s, 'KES')",
-            (shop.business_id, client_id, payment_id, amount_minor),
-        )
-        if booking_id:
-            conn.execute(
-                "update bookings set payment_status = 'paid', client_id = %s where id = %s", (client_id, booking_id)
-            )
-    return payment_id
 
 
 def open_dashboard(chromium: Browser, gateway: Gateway, shop: Shop) -> Page:
@@ -144,19 +89,118 @@ def test_a_completed_payment_reaches_the_open_dashboard_within_2_seconds(
     expect(page.get_by_test_id("revenue-total")).to_have_text("KES 5,000.00", timeout=5_000)
     expect(transactions.first).to_contain_text("Client 9")
 
-    # A burst of 10 separate events (as 10 manual refreshes append them) costs one or two stats refetches,
-    # not ten: the page coalesces what arrives within its window into one invalidation per key.
+    # A burst of 10 separate events (as 10 manual refreshes append them) costs one or two refetches of each key
+    # they name, not ten: the page coalesces what arrives within its window into one invalidation per key. The
+    # stats come with the events (the last of each batch the gateway delivers carries them): no request, or
+    # one when a batch's first events fall into an earlier coalescing window than its last.
     page.wait_for_timeout(300)  # let the refetches of the payment burst finish
-    stats_requests: list[str] = []
-    page.on("request", lambda request: stats_requests.append(request.url) if "/stats" in request.url else None)
+    paths = record_api_paths(page)
     append_invalidations(db_url, shop.business_id, 10)
     expect(page.get_by_test_id("payments-count")).to_have_text("12")
     page.wait_for_timeout(500)
-    assert 1 <= len(stats_requests) <= 3, stats_requests
+    assert 1 <= paths.count(transactions_path(shop)) <= 3, paths
+    assert paths.count(stats_path(shop)) <= 1, paths
 
     if os.environ.get("CDC_SCREENSHOT"):  # how docs/dashboard.png is made: CDC_SCREENSHOT=docs/dashboard.png
         page.wait_for_timeout(6500)  # let the toasts fade, for a calm picture
         page.screenshot(path=os.environ["CDC_SCREENSHOT"], full_page=True)
+    page.close()
+
+
+def stats_path(shop: Shop) -> str:
+    return f"/v1/businesses/{shop.business_id}/stats"
+
+
+def transactions_path(shop: Shop) -> str:
+    return f"/v1/businesses/{shop.business_id}/transactions"
+
+
+def record_api_paths(page: Page) -> list[str]:
+    """The path of every request the page makes from now on, in order (a list that grows)."""
+    paths: list[str] = []
+
+    def record(request: Request) -> None:
+        paths.append(urllib.parse.urlsplit(request.url).path)
+
+    page.on("request", record)
+    return paths
+
+
+def test_a_payment_shows_its_figures_with_no_stats_request(chromium: Browser, gateway: Gateway, db_url: str) -> None:
+    """Issue 18: the live event carries the figures; the page sets them and refetches only the other keys."""
+    shop = seed_shop(db_url)
+    page = open_dashboard(chromium, gateway, shop)
+    page.wait_for_timeout(300)  # nothing of the first load still in flight
+    paths = record_api_paths(page)
+
+    payment_id = complete_payment(db_url, shop, "Achieng", 150000, booking=True)
+    expect(page.get_by_test_id("revenue-today")).to_have_text("KES 4,000.00", timeout=2_000)
+    expect(page.get_by_test_id("revenue-month")).to_have_text("KES 4,000.00")
+    expect(page.get_by_test_id("revenue-total")).to_have_text("KES 4,000.00")
+    expect(page.get_by_test_id("payments-count")).to_have_text("2")
+    expect(page.get_by_test_id("clients-total")).to_have_text("2")
+    expect(paid_bookings(page)).to_have_text("1")
+    # The keys the event names but does not carry are still refetched: the new transaction shows.
+    expect(page.get_by_test_id("transactions").locator(":scope > *").first).to_have_attribute(
+        "data-id", payment_id, timeout=2_000
+    )
+    page.wait_for_timeout(500)  # time for a late /stats request to show up, if the page made one
+    assert stats_path(shop) not in paths, paths
+    assert transactions_path(shop) in paths, paths
+
+    # A second payment: pushed again, shown again, still no /stats.
+    complete_payment(db_url, shop, "Wambui", 50000, booking=False)
+    expect(page.get_by_test_id("revenue-today")).to_have_text("KES 4,500.00", timeout=2_000)
+    expect(page.get_by_test_id("payments-count")).to_have_text("3")
+    expect(page.get_by_test_id("transactions").locator(":scope > *")).to_have_count(3, timeout=2_000)
+    page.wait_for_timeout(500)
+    assert stats_path(shop) not in paths, paths
+    page.close()
+
+
+def wait_until_dispatched(gateway: Gateway, db_url: str, payment_id: str) -> None:
+    """Until the event that reports the payment exists and the gateway's hub has dispatched it (its position)."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with psycopg.connect(db_url) as conn:
+            row = conn.execute(
+                "select max(id) from dashboard.events where payload::text like %s", (f"%{payment_id}%",)
+            ).fetchone()
+        event_id = row[0] if row else None
+        with urllib.request.urlopen(f"{gateway.url}/metrics", timeout=2) as response:
+            metrics = response.read().decode()
+        position = re.search(r"^cdc_gateway_position (\S+)$", metrics, re.MULTILINE)
+        if event_id is not None and position and float(position.group(1)) >= event_id:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"the event of payment {payment_id} was not dispatched within 10 s")
+
+
+def test_a_replayed_event_carries_no_figures_and_the_page_refetches_the_stats(
+    chromium: Browser, gateway: Gateway, db_url: str
+) -> None:
+    """A payment that commits between the page's first fetch and its stream reaches the page as a replay, which
+    carries no figures: the page refetches /stats, and shows the payment."""
+    shop = seed_shop(db_url)
+    page = chromium.new_page()
+    paths = record_api_paths(page)
+
+    def pay_then_open(route: Route) -> None:
+        # The page has its first figures and is about to open the stream from their as_of_event_id: the
+        # payment's event is delivered live (to nobody) first, so this stream gets it as a replay.
+        payment_id = complete_payment(db_url, shop, "Achieng", 150000, booking=True)
+        wait_until_dispatched(gateway, db_url, payment_id)
+        route.continue_()
+
+    page.route(re.compile(r".*/events\?.*"), pay_then_open, times=1)
+    page.goto(f"{gateway.url}/dashboard/{shop.business_id}?access_token={gateway.token(shop.business_id)}")
+    expect(page.get_by_test_id("connection-status")).to_have_text("live", timeout=10_000)
+    expect(page.get_by_test_id("revenue-total")).to_have_text("KES 4,000.00", timeout=5_000)
+    expect(page.get_by_test_id("clients-total")).to_have_text("2")
+    expect(paid_bookings(page)).to_have_text("1")
+    events_at = next(i for i, path in enumerate(paths) if path.endswith("/events"))
+    assert stats_path(shop) in paths[:events_at], paths  # the first load
+    assert stats_path(shop) in paths[events_at:], paths  # the replay's refetch
     page.close()
 
 

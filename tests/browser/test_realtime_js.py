@@ -15,7 +15,7 @@ import pytest
 from playwright.sync_api import Browser, Page, Route
 
 from ..query_keys import ALL_PAYMENT_KEYS, BOOKING_KEYS
-from .harness import Gateway, append_invalidations
+from .harness import Gateway, append_invalidations, complete_payment, seed_shop
 
 pytestmark = pytest.mark.browser
 
@@ -89,4 +89,121 @@ def test_exact_keys_and_a_renewed_token_after_the_first_one_expires(
     expected = [[key, business_id] for key in dict.fromkeys(ALL_PAYMENT_KEYS + BOOKING_KEYS)]
     calls: list[Any] = page.evaluate("() => window.calls")
     assert sorted(map(json.dumps, calls)) == sorted(map(json.dumps, expected))
+    page.close()
+
+
+# An app whose queryClient keeps data as TanStack's does (getQueryData / setQueryData / cancelQueries) and
+# records what realtime.js sets and invalidates. Its EventSource passes the real stream through, except that
+# while `window.holding` is true it holds the events back until the test releases them one by one: the network
+# being slow, so that the app's own fetch can race ahead of the stream.
+TANSTACK_APP = """<!doctype html><meta charset="utf-8"><title>app</title>
+<script type="module">
+import { connectDashboard } from "/static/realtime.js";
+const params = new URLSearchParams(location.search);
+const businessId = params.get("business");
+const token = params.get("token");
+const statsKey = JSON.stringify(["dashboard-stats", businessId]);
+window.calls = [];
+window.store = new Map();
+window.holding = false;
+window.held = [];
+class SlowNetworkEventSource {
+  constructor(url) {
+    this.inner = new EventSource(url);
+    this.inner.onopen = (e) => this.onopen?.(e);
+    this.inner.onerror = (e) => this.onerror?.(e);
+  }
+  addEventListener(type, listener) {
+    this.inner.addEventListener(type, (event) => {
+      if (window.holding) window.held.push({ listener, event });
+      else listener(event);
+    });
+  }
+  close() {
+    this.inner.close();
+  }
+}
+window.releaseOne = () => {
+  const { listener, event } = window.held.shift();
+  listener(event);
+};
+window.fetchStats = async () => {
+  const response = await fetch(`/v1/businesses/${businessId}/stats`, { headers: { Authorization: `Bearer ${token}` } });
+  window.store.set(statsKey, await response.json());
+};
+window.cachedStats = () => window.store.get(statsKey);
+const queryClient = {
+  invalidateQueries(filters) {
+    window.calls.push(["invalidate", filters.queryKey ?? "everything-of-the-business"]);
+    return Promise.resolve();
+  },
+  cancelQueries() {
+    return Promise.resolve();
+  },
+  getQueryData(queryKey) {
+    return window.store.get(JSON.stringify(queryKey));
+  },
+  setQueryData(queryKey, data) {
+    window.calls.push(["set", queryKey, data.as_of_event_id]);
+    window.store.set(JSON.stringify(queryKey), data);
+    return data;
+  },
+};
+await window.fetchStats();
+window.live = connectDashboard({ businessId, token, queryClient, EventSource: SlowNetworkEventSource });
+</script>"""
+
+
+def test_live_figures_are_set_and_an_older_push_never_replaces_newer_fetched_data(
+    chromium: Browser, gateway: Gateway, db_url: str
+) -> None:
+    shop = seed_shop(db_url)
+    page = chromium.new_page()
+    page.route(
+        re.compile(rf"{re.escape(gateway.url)}/app(\?.*)?$"),
+        lambda route: route.fulfill(status=200, content_type="text/html", body=TANSTACK_APP),
+    )
+    page.goto(f"{gateway.url}/app?business={shop.business_id}&token={gateway.token(shop.business_id)}")
+    wait_until(page, "() => window.live && window.live.status === 'live'")
+    stats_key = ["dashboard-stats", shop.business_id]
+
+    # A live payment event: the stats are set from it, and only the other keys are invalidated.
+    page.evaluate("() => { window.calls = []; }")
+    complete_payment(db_url, shop, "Achieng", 150000, booking=True)
+    wait_until(page, "() => window.cachedStats().payments_count === 2")
+    page.wait_for_timeout(200)  # the coalesced invalidations
+    calls: list[Any] = page.evaluate("() => window.calls")
+    assert [call[:2] for call in calls if call[0] == "set"] == [["set", stats_key]], calls
+    invalidated = [call[1][0] for call in calls if call[0] == "invalidate"]
+    assert sorted(invalidated) == sorted(set(ALL_PAYMENT_KEYS + BOOKING_KEYS) - {"dashboard-stats"}), calls
+    assert page.evaluate("() => window.cachedStats().revenue.KES.total_minor") == 400000
+
+    # Two payments whose events the network holds back, while the app fetches the stats (both included).
+    page.evaluate("() => { window.holding = true; window.calls = []; }")
+    complete_payment(db_url, shop, "Wambui", 50000, booking=False)
+    wait_until(page, "() => window.held.length >= 1")
+    complete_payment(db_url, shop, "Kamau", 20000, booking=False)
+    wait_until(page, "() => window.held.length >= 2")
+    page.evaluate("() => window.fetchStats()")
+    fetched: dict[str, Any] = page.evaluate("() => window.cachedStats()")
+    assert fetched["revenue"]["KES"]["total_minor"] == 470000
+    first_push = page.evaluate("() => JSON.parse(window.held[0].event.data).figures['dashboard-stats']")
+    assert first_push["as_of_event_id"] < fetched["as_of_event_id"]
+    assert first_push["revenue"]["KES"]["total_minor"] == 450000
+
+    # The first event arrives: its figures are older than what the app holds, and must not replace them.
+    page.evaluate("() => { window.holding = false; window.releaseOne(); }")
+    page.wait_for_timeout(200)
+    assert page.evaluate("() => window.cachedStats()") == fetched
+    calls = page.evaluate("() => window.calls")
+    assert not [call for call in calls if call[0] == "set"], calls
+    assert "dashboard-stats" not in [call[1][0] for call in calls if call[0] == "invalidate"], calls
+
+    # The second one carries figures at least as new: they are set.
+    page.evaluate("() => window.releaseOne()")
+    page.wait_for_timeout(200)
+    cached = page.evaluate("() => window.cachedStats()")
+    assert cached["as_of_event_id"] >= fetched["as_of_event_id"]
+    assert cached["revenue"]["KES"]["total_minor"] == 470000
+    assert cached["payments_count"] == 4
     page.close()

@@ -3,9 +3,10 @@
  *
  * Data flows the way a TanStack Query app's would: every figure is a query with a key
  * (["dashboard-stats", id], ...), realtime.js invalidates the keys the gateway's events name, and an
- * invalidated query refetches and re-renders. `QueryCache` below is a tiny stand-in for TanStack's
- * QueryClient with the same `invalidateQueries({ queryKey | predicate })` shape, so the page exercises
- * realtime.js exactly as an app would.
+ * invalidated query refetches and re-renders. When an event carries a key's fresh data (the stats), realtime.js
+ * sets it instead and the page renders it without a request. `QueryCache` below is a tiny stand-in for
+ * TanStack's QueryClient with the same `invalidateQueries({ queryKey | predicate })`, `setQueryData`,
+ * `getQueryData` and `cancelQueries` shapes, so the page exercises realtime.js exactly as an app would.
  */
 import { connectDashboard, formatMoney, methodName, toastText, Status } from "./realtime.js";
 
@@ -16,7 +17,7 @@ const PAYMENT_STATUSES = ["paid", "partially_paid", "pending", "unpaid", "refund
 const BOOKING_STATUSES = ["confirmed", "pending", "completed", "cancelled", "no_show"];
 
 // ---------------------------------------------------------------------------------------------------------
-// A minimal query cache with TanStack Query's invalidateQueries shape.
+// A minimal query cache with TanStack Query's invalidateQueries / setQueryData / cancelQueries shapes.
 
 class QueryCache {
   constructor() {
@@ -41,14 +42,35 @@ class QueryCache {
     return this.queries.get(JSON.stringify(queryKey))?.data;
   }
 
-  /** Refetch every query that matches: `queryKey` as a prefix (TanStack's default), or a `predicate`. */
-  invalidateQueries({ queryKey, predicate } = {}) {
-    const matching = [...this.queries.values()].filter((query) => {
+  /** Data that arrived some other way (pushed with an event): store and render it, as a fetch would. */
+  setQueryData(queryKey, data) {
+    const query = this.queries.get(JSON.stringify(queryKey));
+    if (!query) return undefined; // a key this page does not show
+    query.data = data;
+    query.failed = false;
+    query.onData(data);
+    onFetched();
+    return data;
+  }
+
+  /** Abort the fetches in flight of the matching queries (`exact`, or `queryKey` as a prefix). */
+  cancelQueries({ queryKey, exact = false } = {}) {
+    for (const query of this.matching({ queryKey, exact })) query.controller?.abort();
+    return Promise.resolve();
+  }
+
+  matching({ queryKey, predicate, exact = false } = {}) {
+    return [...this.queries.values()].filter((query) => {
       if (predicate) return predicate(query);
       if (!queryKey) return true;
+      if (exact && queryKey.length !== query.queryKey.length) return false;
       return queryKey.every((part, i) => JSON.stringify(part) === JSON.stringify(query.queryKey[i]));
     });
-    return Promise.all(matching.map((query) => this.fetch(query)));
+  }
+
+  /** Refetch every query that matches: `queryKey` as a prefix (TanStack's default), or a `predicate`. */
+  invalidateQueries({ queryKey, predicate } = {}) {
+    return Promise.all(this.matching({ queryKey, predicate }).map((query) => this.fetch(query)));
   }
 
   fetchAll() {

@@ -6,7 +6,13 @@
  *
  * The gateway streams `invalidate` events that name TanStack Query keys (["dashboard-stats", id], ...).
  * This module opens that stream and calls `queryClient.invalidateQueries({ queryKey })` for exactly the keys
- * an event names, so the app refetches only what changed. It also:
+ * an event names, so the app refetches only what changed. A live event may also carry the fresh data of some
+ * keys (`"figures": {"dashboard-stats": STATS_BODY}`, STATS_BODY being what `GET /stats` would answer): those
+ * keys are set with `queryClient.setQueryData([name, businessId], body)` and not refetched, so a pushed
+ * update costs no request. A pushed body never replaces cached data whose `as_of_event_id` is higher (a fetch
+ * that raced ahead of the stream); an in-flight fetch of a pushed key is cancelled first (`cancelQueries`, when
+ * the client has it), so an older answer cannot land over the pushed one. A client without `setQueryData`
+ * gets the pushed keys invalidated instead, as before. It also:
  *   - resumes where it left off (Last-Event-ID) after any disconnect, so no payment is missed;
  *   - on `resync` (the gateway no longer holds the events we missed) invalidates everything of the business;
  *   - coalesces a burst of events into one invalidation per key;
@@ -63,15 +69,18 @@ const DEFAULTS = Object.freeze({
  * @param {string} options.businessId the business UUID.
  * @param {string | (() => string | Promise<string>)} options.token dashboard token, or a function that returns
  *   a fresh one; it is called before every connection, so renewal happens on reconnect.
- * @param {{ invalidateQueries: (filters: object) => unknown, getQueryData?: (key: unknown[]) => unknown }}
- *   options.queryClient a TanStack Query QueryClient, or anything with the same invalidateQueries shape.
+ * @param {{ invalidateQueries: (filters: object) => unknown, getQueryData?: (key: unknown[]) => unknown,
+ *   setQueryData?: (key: unknown[], data: unknown) => unknown, cancelQueries?: (filters: object) => unknown }}
+ *   options.queryClient a TanStack Query QueryClient, or anything with the same shape: invalidateQueries is
+ *   required; setQueryData (with getQueryData) lets pushed figures replace a refetch; cancelQueries keeps an
+ *   older in-flight fetch from landing over pushed data.
  * @param {number | null} [options.lastEventId] resume after this event: pass the `as_of_event_id` of the
  *   stats you already rendered. When omitted it is read from the cached ["dashboard-stats", id] data; when
  *   that is absent too, the stream starts now and everything is invalidated once it is open.
  * @param {(payment: object) => void} [options.onToast] called once per payment that became `completed`.
  * @param {(status: string) => void} [options.onStatus] "live" | "reconnecting" | "polling" | "closed".
  * @param {(event: {type: string, id: number | null, data: object | null}) => void} [options.onEvent] every
- *   event, after its invalidations were scheduled (for logs and debugging).
+ *   event, after its invalidations were scheduled and its pushed figures handed on (for logs and debugging).
  * @param {number} [options.pollIntervalMs] polling period while the stream is down (15000).
  * @param {number} [options.coalesceMs] burst window (75).
  * @param {number} [options.pollAfterMs] time to stay "reconnecting" before polling (3000).
@@ -227,9 +236,15 @@ export function connectDashboard(options) {
       return;
     }
     if (data.business_id && String(data.business_id).toLowerCase() !== business) return;
+    const pushed = applyFigures(data.figures);
     for (const key of data.query_keys ?? []) {
-      if (Array.isArray(key)) pendingKeys.set(JSON.stringify(key), key);
+      if (!Array.isArray(key)) continue;
+      const hash = JSON.stringify(key);
+      if (!pushed.has(hash)) pendingKeys.set(hash, key);
     }
+    // A pushed body includes every event up to this one, so an invalidation still waiting in the coalescing
+    // window for an earlier event is covered by it too.
+    for (const hash of pushed) pendingKeys.delete(hash);
     scheduleFlush();
     for (const payment of data.payments ?? []) {
       if (payment.status !== "completed" || toasted.has(payment.id)) continue;
@@ -241,6 +256,42 @@ export function connectDashboard(options) {
       }
     }
     onEvent({ type: "invalidate", id, data });
+  }
+
+  /**
+   * Set the query data of every key the event carries fresh data for. Returns the keys (as JSON) it took
+   * care of, so they are not also refetched; a body that does not look like figures of this business is
+   * left out, and its key is then invalidated as usual.
+   */
+  function applyFigures(figures) {
+    const pushed = new Set();
+    if (!figures || typeof figures !== "object" || typeof queryClient.setQueryData !== "function") return pushed;
+    for (const [name, body] of Object.entries(figures)) {
+      if (!isFiguresOf(body, business)) continue;
+      const queryKey = [name, business];
+      pushed.add(JSON.stringify(queryKey));
+      setIfNotOlder(queryKey, body);
+    }
+    return pushed;
+  }
+
+  function setIfNotOlder(queryKey, body) {
+    // Cancel first: a fetch already in flight may have read the database before this event and would
+    // otherwise land after (and over) the pushed body. TanStack restores a cancelled fetch's earlier state
+    // (revert), so the data is set only once the cancellation has settled, as its optimistic-update recipe
+    // does; the comparison below then sees what the cache really holds.
+    Promise.resolve(queryClient.cancelQueries?.({ queryKey, exact: true }))
+      .then(() => {
+        const cached = queryClient.getQueryData?.(queryKey);
+        // Newer data already cached (a fetch that raced ahead of the stream, or a later push): keep it, never
+        // go backwards.
+        if (Number.isSafeInteger(cached?.as_of_event_id) && cached.as_of_event_id > body.as_of_event_id) return;
+        return queryClient.setQueryData(queryKey, body);
+      })
+      .catch((err) => {
+        console.error("realtime.js: setQueryData failed; refetching instead", err);
+        Promise.resolve(queryClient.invalidateQueries({ queryKey })).catch(() => {});
+      });
   }
 
   function handleResync(e) {
@@ -352,6 +403,12 @@ export function connectDashboard(options) {
       return lastEventId;
     },
   };
+}
+
+/** True when a pushed body is figures of the business: an object with an integer `as_of_event_id`. */
+function isFiguresOf(body, business) {
+  if (!body || typeof body !== "object" || !Number.isSafeInteger(body.as_of_event_id)) return false;
+  return body.business_id === undefined || String(body.business_id).toLowerCase() === business;
 }
 
 /** True when a query key belongs to the business: [name, businessId, ...]. */
