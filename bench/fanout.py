@@ -319,11 +319,15 @@ def main() -> int:
             def gateways_cpu() -> float:
                 return sum(_cpu_seconds(g.pid) for g in gateways)
 
+            def clients_cpu() -> float:
+                return sum(_cpu_seconds(c.pid) for c in clients)
+
             # The gateways' CPU while idle (heartbeats only), to subtract from the broadcasts' share.
-            idle_start = gateways_cpu()
+            idle_start, clients_idle_start = gateways_cpu(), clients_cpu()
             time.sleep(args.interval)
             idle_cpu = gateways_cpu() - idle_start
-            cpu_start = gateways_cpu()
+            clients_idle_cpu = clients_cpu() - clients_idle_start
+            cpu_start, clients_cpu_start = gateways_cpu(), clients_cpu()
             with psycopg.connect(db, autocommit=True) as conn:
                 for seq in range(args.broadcasts):
                     payload = json.dumps(
@@ -335,6 +339,10 @@ def main() -> int:
                     )
                     time.sleep(args.interval)
             broadcast_cpu = (gateways_cpu() - cpu_start - idle_cpu * args.broadcasts) / args.broadcasts
+            # The clients read every frame on the same cores: their share is part of the measured latency.
+            clients_broadcast_cpu = (
+                clients_cpu() - clients_cpu_start - clients_idle_cpu * args.broadcasts
+            ) / args.broadcasts
             # HAProxy's CPU over the idle interval and the broadcasts, per broadcast: heartbeats included.
             haproxy_cpu = (_cpu_seconds(haproxy.pid) - haproxy_cpu_start) / args.broadcasts if haproxy else 0.0
             load_after = _uptime()
@@ -371,6 +379,7 @@ def main() -> int:
                 "broadcasts": args.broadcasts,
                 "gateway_cpu_ms_per_broadcast": round(1000 * broadcast_cpu, 1),
                 "gateway_cpu_us_per_delivery": round(1e6 * broadcast_cpu / max(1, connected), 1),
+                "clients_cpu_ms_per_broadcast": round(1000 * clients_broadcast_cpu, 1),
                 "deliveries": f"{len(latencies)}/{expected}",
                 "latency_p50_ms": round(1000 * statistics.median(latencies), 1) if latencies else None,
                 "latency_p99_ms": round(1000 * _percentile(latencies, 0.99), 1) if latencies else None,

@@ -8,6 +8,8 @@ of every delivery. What we used of it is here, and nothing else:
 
 - The body is an async generator of ready SSE frames (streams.py: heartbeats, token expiry and the SIGTERM
   drain come from its own wait, so they need no task either). It runs in the task uvicorn gave the request.
+- While the body waits for live events with nothing buffered, the hub writes each event to the connection
+  itself, through the same `send` (hub.Subscriber.write_now): a broadcast then wakes no task per stream.
 - One small task waits in `receive()` for the client to go away: uvicorn tells a response about a closed
   connection only there. The subscriber is then closed, so a closed connection frees its place at once
   (the connection limit counts subscribers), not at the next heartbeat.
@@ -21,7 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
@@ -62,6 +64,7 @@ class EventStreamResponse(Response):
                     await self._stream(send)
         finally:
             self._sub.on_cut = None
+            self._sub.detach()
             disconnect.cancel()
             await self._body.aclose()
             self._on_end()
@@ -73,6 +76,12 @@ class EventStreamResponse(Response):
         sub.sending_since = time()
         await send({"type": "http.response.start", "status": self.status_code, "headers": list(self.raw_headers)})
         sub.sending_since = None
+
+        def write(chunk: bytes) -> Awaitable[None]:
+            return send({"type": "http.response.body", "body": chunk, "more_body": True})
+
+        # From now on the hub may write live events itself while the body waits (Subscriber.write_now).
+        sub.write = write
         async for chunk in self._body:
             # The hub cuts a stream whose send stays blocked (a client that stopped reading while no events
             # came, so its buffer never fills). One clock read per send, rather than a timer per send.

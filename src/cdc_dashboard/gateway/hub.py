@@ -23,7 +23,7 @@ import os
 import socket
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Generator
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -66,13 +66,31 @@ def encode_event(event_id: int, kind: str, payload: str) -> bytes:
 
 
 class Subscriber:
-    """One stream's buffer of events. Only the event loop's thread touches it.
+    """One stream's buffer of events, and its direct write. Only the event loop's thread touches it.
 
     Kept small on purpose (a plain list, a future made only while waiting, one timer): a gateway holds one
-    per open connection, 10,000 of them and more, and wakes every one of them for a broadcast.
+    per open connection, 10,000 of them and more, and a broadcast reaches every one of them.
+
+    While the stream's task waits in its live loop with nothing buffered and no send under way (`idle`), the
+    hub writes an event straight to the connection (`write_now`) instead of buffering it and waking the task:
+    no task step, no future, no generator step per delivery. Otherwise events go to the buffer (`push`) and
+    the stream's task writes them in order, after any direct write still under way.
     """
 
-    __slots__ = ("_timer", "_waiter", "business_id", "closed_reason", "items", "limit", "on_cut", "sending_since")
+    __slots__ = (
+        "_inflight",
+        "_timer",
+        "_waiter",
+        "business_id",
+        "closed_reason",
+        "idle",
+        "items",
+        "limit",
+        "on_cut",
+        "sending_since",
+        "sent",
+        "write",
+    )
 
     def __init__(self, business_id: str, limit: int) -> None:
         self.business_id = business_id
@@ -87,6 +105,15 @@ class Subscriber:
         self.on_cut: Callable[[], None] | None = None
         # Loop time at which the stream's current send began; None when it is not sending.
         self.sending_since: float | None = None
+        # The id of the last event written to the stream (or being written): the live events at or below it
+        # were replayed already and are dropped.
+        self.sent = 0
+        # Sends one body chunk on the stream's connection; set by the response once its headers went out.
+        self.write: Callable[[bytes], Awaitable[None]] | None = None
+        # True while the stream's task waits in its live loop, nothing buffered, no send under way.
+        self.idle = False
+        # The rest of a direct write that could not finish at once (the client's transport is paused).
+        self._inflight: asyncio.Task[None] | None = None
 
     def push(self, event: HubEvent) -> bool:
         """Buffer an event; False when the buffer was full (the subscriber is then cut)."""
@@ -98,6 +125,56 @@ class Subscriber:
         self.items.append(event)
         self._wake()
         return True
+
+    def write_now(self, event: HubEvent) -> bool:
+        """Write an event to the idle stream's connection, from the hub's dispatch; True when it was sent.
+
+        The send is stepped by hand: a server's send of a body chunk returns without suspending unless the
+        connection's transport is paused for flow control. When it does suspend, a small task finishes it;
+        until then the stream counts as sending (the hub's stall check can cut it), and later events buffer.
+        """
+        if event.id <= self.sent:
+            return False  # replayed already
+        assert self.write is not None  # idle only once the response is writing
+        self.sent = event.id
+        steps = self.write(event.encoded).__await__()
+        try:
+            suspended_on = steps.send(None)
+        except StopIteration:
+            return True
+        except Exception:
+            log.warning("a stream's write failed; ending it", exc_info=True, extra={"business_id": self.business_id})
+            self.idle = False
+            self.cut()
+            return False
+        loop = asyncio.get_running_loop()
+        self.idle = False
+        self.sending_since = loop.time()
+        self._inflight = loop.create_task(self._finish_write(_RestOf(steps, suspended_on)))
+        return True
+
+    async def _finish_write(self, rest: _RestOf) -> None:
+        try:
+            await rest
+        except Exception:
+            log.warning("a stream's write failed; ending it", exc_info=True, extra={"business_id": self.business_id})
+            self.cut()
+        finally:
+            self.sending_since = None
+            self._inflight = None
+            # Still waiting with nothing buffered (a buffered event would have woken the task): write directly
+            # again. Otherwise the stream's task, woken, writes what buffered meanwhile.
+            waiter = self._waiter
+            if waiter is not None and not waiter.done() and self.write is not None:
+                self.idle = True
+
+    def detach(self) -> None:
+        """The response ended: no more direct writes, and one still under way is abandoned."""
+        self.write = None
+        self.idle = False
+        inflight, self._inflight = self._inflight, None
+        if inflight is not None:
+            inflight.cancel()
 
     def take(self) -> list[HubEvent]:
         """Everything buffered, oldest first; the buffer is empty afterwards."""
@@ -120,6 +197,7 @@ class Subscriber:
             on_cut()
 
     def _wake(self) -> None:
+        self.idle = False
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
@@ -143,16 +221,54 @@ class Subscriber:
         self._wake()
 
     async def wait(self) -> None:
-        """Until an event is buffered, the subscriber is closed, or the time given to `wake_at` passes.
+        """Until an event is buffered, the subscriber is closed, or the time given to `wake_at` passes; the
+        hub writes events directly meanwhile. Returns once no direct write is under way.
 
         Returns at once when the timer has already fired: the caller reads the clock after every wake."""
         if self.items or self.closed_reason is not None or self._timer is None:
             return
         self._waiter = asyncio.get_running_loop().create_future()
+        self.idle = self.write is not None
         try:
             await self._waiter
         finally:
             self._waiter = None
+            self.idle = False
+        if self._inflight is not None:
+            # The stream's own writes come after the direct one (its client is slow; the stall check watches).
+            await self._inflight
+
+
+class _RestOf:
+    """Awaiting this finishes an awaitable whose first step was taken by hand and suspended on `suspended_on`.
+
+    It passes what the awaiting task gives back (a result, or an exception such as a cancellation) on to the
+    awaitable's steps, as the task would have had it awaited the awaitable itself."""
+
+    __slots__ = ("_steps", "_suspended_on")
+
+    def __init__(self, steps: Generator[Any, None, Any], suspended_on: Any) -> None:
+        self._steps = steps
+        self._suspended_on = suspended_on
+
+    def __await__(self) -> Generator[Any, None, None]:
+        steps, suspended_on = self._steps, self._suspended_on
+        while True:
+            try:
+                yield suspended_on
+            except GeneratorExit:
+                steps.close()
+                raise
+            except BaseException as exc:
+                try:
+                    suspended_on = steps.throw(exc)
+                except StopIteration:
+                    return
+            else:
+                try:
+                    suspended_on = steps.send(None)
+                except StopIteration:
+                    return
 
 
 class Hub:
@@ -408,10 +524,16 @@ class Hub:
             targets = [sub for subs in self._by_business.values() for sub in subs]
         else:
             targets = list(self._by_business.get(event.business_id, ()))
+        written = 0
         for sub in targets:
-            if not sub.push(event):
+            if sub.idle:
+                written += sub.write_now(event)
+            elif not sub.push(event):
                 self._metrics.slow_clients_dropped.inc()
                 log.warning("slow client cut: its buffer is full", extra={"business_id": sub.business_id})
+        if written:
+            # Once per broadcast, not per stream: a counter's lock costs more than the write's bookkeeping.
+            self._metrics.events_sent.inc(written)
         self.position = event.id
         created: datetime = row["created_at"]
         self._metrics.event_lag.set(max(0.0, time.time() - created.timestamp()))

@@ -94,10 +94,12 @@ async def _events(
     state = gateway_state(request)
     metrics = state.metrics
     yield ServerSentEvent(retry=RETRY_MS, sep=SEP).encode()
-    sent = start if last_id is None else last_id
+    # The stream's position (the last id written) lives on the subscriber: the hub advances it too when it
+    # writes a live event straight to the connection.
+    sub.sent = start if last_id is None else last_id
     if recent is not None:
         # Taken from the hub's memory when the stream subscribed: exactly the events up to `start`.
-        sent = start
+        sub.sent = start
         for event in recent:
             metrics.events_replayed.inc()
             metrics.events_sent.inc()
@@ -105,7 +107,7 @@ async def _events(
     elif last_id is not None and first_page is not None:
         try:
             async for frame, event_id in _replay(request, sub.business_id, last_id, start, first_page):
-                sent = event_id
+                sub.sent = event_id
                 metrics.events_sent.inc()
                 yield frame
         except DatabaseUnavailable as exc:
@@ -120,12 +122,14 @@ async def _events(
     next_ping = loop.time() + ping_every
     while True:
         sub.wake_at(min(expiry, next_ping))
+        # Live from here: while this waits with nothing buffered, the hub writes events to the connection
+        # itself (Subscriber.write_now) and this generator is not woken for them.
         await sub.wait()
         # Frames are shared by every stream of the business (built once per event by the hub); several events
         # buffered while this stream was busy go out in one write.
-        events = [event for event in sub.take() if event.id > sent]  # the others were replayed already
+        events = [event for event in sub.take() if event.id > sub.sent]  # the others were sent already
         if events:
-            sent = events[-1].id
+            sub.sent = events[-1].id
             metrics.events_sent.inc(len(events))
             yield events[0].encoded if len(events) == 1 else b"".join(event.encoded for event in events)
         if sub.closed_reason == "draining":
