@@ -5,12 +5,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import socket
 import uuid
+from typing import Any
 
 import aiohttp
 import psycopg
 import pytest
+
+from cdc_dashboard.gateway import streams
+from cdc_dashboard.gateway.hub import HubEvent, Subscriber
 
 from .gateway_support import append_events, open_stream, run_gateway, token_for
 
@@ -339,3 +344,168 @@ async def test_head_answers_the_stream_headers_without_a_body(db_url: str) -> No
             assert r.headers["Cache-Control"] == "no-cache, no-transform"
         # The HEAD request held no place in the hub.
         assert gw.app_state.hub.subscriber_count == 0
+
+
+# -- the hub's direct writes to idle streams (Subscriber.write_now) ---------------------------------------
+
+
+class _Spy:
+    """Counts what the hub writes straight to idle streams, and the direct writes that had to suspend."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.written: list[tuple[int, bool]] = []
+        self.suspended = 0
+        write_now, finish_write = Subscriber.write_now, Subscriber._finish_write
+
+        def spy_write_now(sub: Subscriber, event: HubEvent) -> bool:
+            result = write_now(sub, event)
+            self.written.append((event.id, result))
+            return result
+
+        async def spy_finish_write(sub: Subscriber, rest: Any) -> None:
+            self.suspended += 1
+            await finish_write(sub, rest)
+
+        monkeypatch.setattr(Subscriber, "write_now", spy_write_now)
+        monkeypatch.setattr(Subscriber, "_finish_write", spy_finish_write)
+
+
+# A complete event frame as the gateway writes it. Chunked framing never falls inside one (a response's chunks
+# hold whole frames), so a frame cut short by the end of the connection does not match.
+_FRAME = re.compile(rb"id: (\d+)\nevent: [^\n]*\ndata: [^\n]*\n\n")
+
+
+async def _read_event_ids(sock: socket.socket, *, until: int | None = None) -> list[int]:
+    """The ids of the complete events a raw stream connection receives, until `until` is among them or, without
+    it, until the connection ends."""
+    loop = asyncio.get_running_loop()
+    ids: list[int] = []
+    pending = b""
+    while until is None or until not in ids:
+        chunk = await loop.sock_recv(sock, 65536)
+        if not chunk:
+            assert until is None, "the stream ended"
+            break
+        pending += chunk
+        end = 0
+        for frame in _FRAME.finditer(pending):
+            ids.append(int(frame[1]))
+            end = frame.end()
+        pending = pending[end:]
+    return ids
+
+
+def _append_one_by_one(db_url: str, business: str, count: int, pad: int) -> list[int]:
+    """`count` events of about `pad` bytes, each in its own transaction: each is a broadcast of its own."""
+    ids: list[int] = []
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        for _ in range(count):
+            row = conn.execute(
+                "select dashboard.append_events_v1(array[%s], array['invalidate'], array[%s::jsonb])",
+                (business, json.dumps({"business_id": business, "pad": "x" * pad})),
+            ).fetchone()
+            assert row is not None
+            ids += row[0]
+    return ids
+
+
+async def _metric(base_url: str, name: str) -> float:
+    text = await _metrics(base_url)
+    return next(float(line.split()[1]) for line in text.splitlines() if line.startswith(name + " "))
+
+
+async def test_an_event_both_replayed_and_dispatched_to_the_idle_stream_is_sent_once(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The replay's overlap with live events is dropped by id on the direct path too: an event committed
+    between the subscription and the replay's read is in the replay, and the hub dispatches it once the
+    stream waits live (here: it is appended without its NOTIFY, so the hub reads it with the next one)."""
+    b = _new_business()
+    [resume_from] = append_events(db_url, (b, "invalidate"))
+    injected: list[int] = []
+    read_page = streams._replay_page
+
+    async def page_after_a_quiet_commit(request: Any, business_id: str, after: int) -> Any:
+        if not injected:
+            with psycopg.connect(db_url, autocommit=True) as conn:
+                row = conn.execute(
+                    "insert into dashboard.events (id, business_id, kind, payload) "
+                    "values (nextval('dashboard.event_id_seq'), %s, 'invalidate', %s) returning id",
+                    (b, json.dumps({"business_id": b, "query_keys": []})),
+                ).fetchone()
+                assert row is not None
+                conn.execute("update dashboard.listener_state set last_event_id = %s", (row[0],))
+                injected.append(row[0])
+        return await read_page(request, business_id, after)
+
+    monkeypatch.setattr(streams, "_replay_page", page_after_a_quiet_commit)
+    spy = _Spy(monkeypatch)
+    async with (
+        run_gateway(db_url, sse_replay_memory_events=0) as gw,
+        open_stream(gw.url, b, token_for(b), last_event_id=resume_from) as stream,
+    ):
+        replayed = await stream.next_event()
+        assert replayed is not None and [int(replayed.id or 0)] == injected
+        assert gw.app_state.hub.position < injected[0]  # not dispatched yet
+        await asyncio.sleep(0.2)  # the stream now waits live, with nothing buffered
+        later = append_events(db_url, (b, "invalidate"))
+        event = await stream.next_event()
+        assert event is not None and [int(event.id or 0)] == later
+        # The hub offered the replayed event to the idle stream, which dropped it, and wrote the next one.
+        assert spy.written == [(injected[0], False), (later[0], True)]
+        with pytest.raises(TimeoutError):
+            await stream.next_event(timeout=0.5)
+
+
+async def test_a_burst_to_a_paused_stream_is_buffered_and_delivered_in_order(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Events broadcast one by one to a client that is not reading: the first go straight to the connection
+    until its transport pauses; that write finishes later, the rest wait in the stream's buffer. Once the
+    client reads again it gets every event, once, in order, and is never cut."""
+    b = _new_business()
+    spy = _Spy(monkeypatch)
+    async with run_gateway(db_url, sse_queue_size=10_000) as gw:
+        with await _open_stream_socket(gw.url, b) as sock:
+            await asyncio.sleep(0.2)  # live, waiting: the first events are written directly
+            ids = await asyncio.to_thread(_append_one_by_one, db_url, b, 150, 50_000)
+            for _ in range(200):
+                if gw.app_state.hub.position >= ids[-1]:
+                    break
+                await asyncio.sleep(0.05)
+            assert spy.suspended >= 1
+            assert any(written for _, written in spy.written)
+            async with asyncio.timeout(10):
+                got = await _read_event_ids(sock, until=ids[-1])
+        assert got == ids
+        assert await _metric(gw.url, "cdc_gateway_slow_clients_dropped_total") == 0
+        assert await _metric(gw.url, "cdc_gateway_events_sent_total") == len(ids)
+
+
+@pytest.mark.parametrize("cut_by", ["buffer", "send_timeout"])
+async def test_a_client_that_stops_reading_during_broadcasts_is_cut_and_loses_nothing_on_resume(
+    db_url: str, monkeypatch: pytest.MonkeyPatch, cut_by: str
+) -> None:
+    """Cut with a direct write under way (and events buffered behind it): what the client received is a
+    prefix of the events, and resuming from its last id gives the rest, without a gap or a repeat."""
+    b = _new_business()
+    spy = _Spy(monkeypatch)
+    limits = {"sse_queue_size": 8} if cut_by == "buffer" else {"sse_queue_size": 10_000, "sse_send_timeout_seconds": 1}
+    async with run_gateway(db_url, **limits) as gw:
+        with await _open_stream_socket(gw.url, b) as sock:
+            await asyncio.sleep(0.2)
+            ids = await asyncio.to_thread(_append_one_by_one, db_url, b, 150, 50_000)
+            for _ in range(200):
+                if await _metric(gw.url, "cdc_gateway_slow_clients_dropped_total") >= 1:
+                    break
+                await asyncio.sleep(0.05)
+            # Cut: the client reads again, what was sent before the cut, up to the end of the stream.
+            async with asyncio.timeout(10):
+                got = await _read_event_ids(sock)
+        assert spy.suspended >= 1
+        assert await _metric(gw.url, "cdc_gateway_slow_clients_dropped_total") == 1
+        assert 0 < len(got) < len(ids)
+        assert got == ids[: len(got)]
+        async with open_stream(gw.url, b, token_for(b), last_event_id=got[-1]) as stream:
+            rest = await stream.events(len(ids) - len(got))
+            assert [int(e.id or 0) for e in rest] == ids[len(got) :]
