@@ -5,15 +5,17 @@
 
 Creates a scratch database on CDC_BENCH_ADMIN_URL (default postgresql://postgres@127.0.0.1:5432/postgres),
 applies the schema and starts `cdc-dashboard serve` (one process). Separate client processes (`--clients`)
-open the connections, all to one business's stream (the worst case: every event reaches every stream), with
-raw asyncio sockets so the client's own cost stays small (`--client-loop uvloop` runs the clients on
+open the connections, all to one business's stream (the worst case: every event reaches every stream), read
+by asyncio protocols (no task or StreamReader per connection) so that the clients' own CPU, which shares the
+cores with the gateway and counts in the latency, stays small (`--client-loop uvloop` runs the clients on
 uvloop). The gateway's RSS is read from /proc before and after the connections open. Then `--broadcasts`
 events are appended `--interval` seconds apart through `dashboard.append_events_v1` (under the events lock,
 as the listener appends), each carrying its wall-clock append time; every client notes when each event
 arrived. Latency = arrival - append (same host, same clock), over all connections.
 
-The gateway's CPU time per broadcast (from /proc, idle heartbeat time subtracted) is reported too: unlike the
-latency it does not depend on what else the machine is doing.
+The gateway's CPU time per broadcast (from /proc, less the idle rate measured over one heartbeat period before
+the broadcasts) is reported too: unlike the latency it does not depend on what else the machine is doing. So
+is the clients' (they read on the same cores).
 
 With `--gateways G`, G `serve` processes on distinct ports share the one database (each with its own LISTEN)
 and the connections are spread over them evenly; RSS and CPU are summed over the gateways, the latency is
@@ -47,6 +49,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +61,8 @@ from scratch import connection_reports, scratch_database, wait_ready
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRET = "bench-fanout-" + "b" * 40
+# The gateways' heartbeat period, as in the earlier runs.
+PING_SECONDS = 15
 # Linux's IP_BIND_ADDRESS_NO_PORT (the socket module does not name it).
 _IP_BIND_ADDRESS_NO_PORT = 24
 
@@ -115,6 +120,49 @@ def _raise_fd_limit() -> None:
 # -- client process -----------------------------------------------------------------------------------------
 
 
+class _Stream(asyncio.Protocol):
+    """One stream connection of a client process, read in `data_received`: no task and no StreamReader per
+    connection, so that the client's own CPU (it shares the cores with the gateway) stays small."""
+
+    def __init__(self, arrivals: list[tuple[int, float]], broadcasts: int, finished: Callable[[_Stream], None]) -> None:
+        self.head: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self._arrivals = arrivals
+        self._broadcasts = broadcasts
+        self._finished: Callable[[_Stream], None] | None = finished
+        self._pending = b""
+        self._seen = 0
+
+    def data_received(self, data: bytes) -> None:
+        now = time.time()
+        data = self._pending + data
+        if not self.head.done():
+            head, found, data = data.partition(b"\r\n\r\n")
+            if not found:
+                self._pending = head
+                return
+            self.head.set_result(head)
+        lines = data.split(b"\n")
+        self._pending = lines.pop()
+        for line in lines:
+            # The event's data line; chunk sizes, ids, names and heartbeats are lines of their own.
+            if line.startswith(b"data:") and b'"sent_at"' in line:
+                event = json.loads(line[5:])
+                self._arrivals.append((event["seq"], now - event["sent_at"]))
+                self._seen += 1
+                if self._seen == self._broadcasts:
+                    self._finish()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.head.done():
+            self.head.set_exception(ConnectionError("closed before the response head"))
+        self._finish()
+
+    def _finish(self) -> None:
+        finished, self._finished = self._finished, None
+        if finished is not None:
+            finished(self)
+
+
 async def _client(config: dict[str, Any]) -> None:
     """Open `count` streams, report readiness on stdout, then record each event's arrival per stream.
 
@@ -132,9 +180,17 @@ async def _client(config: dict[str, Any]) -> None:
         f"GET /v1/businesses/{config['business']}/events HTTP/1.1\r\nHost: bench\r\n"
         f"Authorization: Bearer {config['token']}\r\nAccept: text/event-stream\r\n\r\n"
     ).encode()
-    readers: list[asyncio.StreamReader] = []
-    writers: list[asyncio.StreamWriter] = []
+    transports: list[asyncio.BaseTransport] = []
     loop = asyncio.get_running_loop()
+    all_read = asyncio.Event()
+    # The connected streams that have not yet seen every broadcast (nor closed).
+    reading: set[_Stream] = set()
+
+    def finished(stream: _Stream) -> None:
+        if stream in reading:
+            reading.discard(stream)
+            if not reading:
+                all_read.set()
 
     async def connect(number: int) -> None:
         nonlocal failures
@@ -148,13 +204,13 @@ async def _client(config: dict[str, Any]) -> None:
             sock.bind((source, 0))
             sock.setblocking(False)
             await loop.sock_connect(sock, ("127.0.0.1", port))
-            reader, writer = await asyncio.open_connection(sock=sock)
-            writer.write(request)
-            head = await reader.readuntil(b"\r\n\r\n")
+            transport, stream = await loop.create_connection(lambda: _Stream(arrivals, broadcasts, finished), sock=sock)
+            transport.write(request)
+            head = await stream.head
             if not head.startswith(b"HTTP/1.1 200"):
                 raise RuntimeError(head[:40])
-            readers.append(reader)
-            writers.append(writer)
+            transports.append(transport)
+            reading.add(stream)
         except Exception:
             sock.close()
             failures += 1
@@ -165,26 +221,16 @@ async def _client(config: dict[str, Any]) -> None:
     # The client's own garbage collector would walk every connection's objects in full passes that land in
     # broadcasts and count as gateway latency; they live until the end, so take them out of its walks.
     gc.freeze()
-    print(json.dumps({"connected": len(readers), "failures": failures}), flush=True)
-
-    async def read(reader: asyncio.StreamReader) -> None:
-        seen = 0
-        while seen < broadcasts:
-            line = await reader.readline()
-            if not line:
-                return
-            if line.startswith(b"data:") and b'"sent_at"' in line:
-                data = json.loads(line[5:])
-                arrivals.append((data["seq"], time.time() - data["sent_at"]))
-                seen += 1
+    print(json.dumps({"connected": len(transports), "failures": failures}), flush=True)
 
     try:
         async with asyncio.timeout(broadcasts * 30 + 60):
-            await asyncio.gather(*(read(r) for r in readers))
+            if reading:
+                await all_read.wait()
     finally:
         await asyncio.to_thread(out.write_text, json.dumps({"latencies": arrivals, "failures": failures}))
-        for writer in writers:
-            writer.close()
+        for transport in transports:
+            transport.close()
 
 
 # -- driver -------------------------------------------------------------------------------------------------
@@ -245,7 +291,7 @@ def main() -> int:
             # Every stream is one token's, opened from 127.0.0.1 at once: lift the per-token and per-address limits.
             CDC_MAX_STREAMS_PER_TOKEN=str(per_gateway + 100),
             CDC_RATE_LIMIT_STREAM_OPENS_PER_MINUTE="0",
-            CDC_SSE_PING_SECONDS="15",
+            CDC_SSE_PING_SECONDS=str(PING_SECONDS),
             CDC_LOG_LEVEL="WARNING",
         )
         gateways: list[subprocess.Popen[bytes]] = []
@@ -314,7 +360,6 @@ def main() -> int:
             time.sleep(args.settle)  # let the gateways settle (allocator, GC)
             rss_after = [_rss_kib(g.pid) for g in gateways]
             haproxy_rss_after = _rss_kib(haproxy.pid) if haproxy else 0
-            haproxy_cpu_start = _cpu_seconds(haproxy.pid) if haproxy else 0.0
 
             def gateways_cpu() -> float:
                 return sum(_cpu_seconds(g.pid) for g in gateways)
@@ -322,12 +367,16 @@ def main() -> int:
             def clients_cpu() -> float:
                 return sum(_cpu_seconds(c.pid) for c in clients)
 
-            # The gateways' CPU while idle (heartbeats only), to subtract from the broadcasts' share.
-            idle_start, clients_idle_start = gateways_cpu(), clients_cpu()
-            time.sleep(args.interval)
-            idle_cpu = gateways_cpu() - idle_start
-            clients_idle_cpu = clients_cpu() - clients_idle_start
-            cpu_start, clients_cpu_start = gateways_cpu(), clients_cpu()
+            # The CPU used while idle (heartbeats only), as a rate to subtract from the broadcasts' share: measured
+            # over one whole heartbeat period, in which every stream pings once (a shorter window may hold
+            # none of the pings that then fall among the broadcasts).
+            idle_started, idle_start, clients_idle_start = time.monotonic(), gateways_cpu(), clients_cpu()
+            time.sleep(PING_SECONDS)
+            idle_seconds = time.monotonic() - idle_started
+            idle_rate = (gateways_cpu() - idle_start) / idle_seconds
+            clients_idle_rate = (clients_cpu() - clients_idle_start) / idle_seconds
+            haproxy_cpu_start = _cpu_seconds(haproxy.pid) if haproxy else 0.0
+            window_started, cpu_start, clients_cpu_start = time.monotonic(), gateways_cpu(), clients_cpu()
             with psycopg.connect(db, autocommit=True) as conn:
                 for seq in range(args.broadcasts):
                     payload = json.dumps(
@@ -338,12 +387,11 @@ def main() -> int:
                         (business, payload),
                     )
                     time.sleep(args.interval)
-            broadcast_cpu = (gateways_cpu() - cpu_start - idle_cpu * args.broadcasts) / args.broadcasts
+            window = time.monotonic() - window_started
+            broadcast_cpu = (gateways_cpu() - cpu_start - idle_rate * window) / args.broadcasts
             # The clients read every frame on the same cores: their share is part of the measured latency.
-            clients_broadcast_cpu = (
-                clients_cpu() - clients_cpu_start - clients_idle_cpu * args.broadcasts
-            ) / args.broadcasts
-            # HAProxy's CPU over the idle interval and the broadcasts, per broadcast: heartbeats included.
+            clients_broadcast_cpu = (clients_cpu() - clients_cpu_start - clients_idle_rate * window) / args.broadcasts
+            # HAProxy's CPU over the broadcasts, per broadcast: heartbeats included.
             haproxy_cpu = (_cpu_seconds(haproxy.pid) - haproxy_cpu_start) / args.broadcasts if haproxy else 0.0
             load_after = _uptime()
             arrivals: list[tuple[int, float]] = []
