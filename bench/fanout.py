@@ -13,9 +13,9 @@ events are appended `--interval` seconds apart through `dashboard.append_events_
 as the listener appends), each carrying its wall-clock append time; every client notes when each event
 arrived. Latency = arrival - append (same host, same clock), over all connections.
 
-The gateway's CPU time per broadcast (from /proc, less the idle rate measured over one heartbeat period before
-the broadcasts) is reported too: unlike the latency it does not depend on what else the machine is doing. So
-is the clients' (they read on the same cores).
+The gateway's CPU time per broadcast (from /proc, over a window of whole heartbeat periods from the first
+append, less the idle rate measured over one heartbeat period before it) is reported too: unlike the latency
+it does not depend on what else the machine is doing. So is the clients' (they read on the same cores).
 
 With `--gateways G`, G `serve` processes on distinct ports share the one database (each with its own LISTEN)
 and the connections are spread over them evenly; RSS and CPU are summed over the gateways, the latency is
@@ -39,6 +39,7 @@ import argparse
 import asyncio
 import gc
 import json
+import math
 import os
 import resource
 import signal
@@ -387,6 +388,10 @@ def main() -> int:
                         (business, payload),
                     )
                     time.sleep(args.interval)
+            # The window as a whole number of heartbeat periods: then it holds exactly that many heartbeats of
+            # every stream, and the idle rate takes out exactly their CPU.
+            periods = math.ceil((time.monotonic() - window_started) / PING_SECONDS)
+            time.sleep(max(0.0, window_started + periods * PING_SECONDS - time.monotonic()))
             window = time.monotonic() - window_started
             broadcast_cpu = (gateways_cpu() - cpu_start - idle_rate * window) / args.broadcasts
             # The clients read every frame on the same cores: their share is part of the measured latency.
