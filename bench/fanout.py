@@ -13,9 +13,12 @@ events are appended `--interval` seconds apart through `dashboard.append_events_
 as the listener appends), each carrying its wall-clock append time; every client notes when each event
 arrived. Latency = arrival - append (same host, same clock), over all connections.
 
-The gateway's CPU time per broadcast (from /proc, over a window of whole heartbeat periods from the first
-append, less the idle rate measured over one heartbeat period before it) is reported too: unlike the latency
-it does not depend on what else the machine is doing. So is the clients' (they read on the same cores).
+The gateway's CPU time per broadcast (from /proc, less its idle CPU over as long) is reported too: unlike the
+latency it does not depend on what else the machine is doing. So is the clients' (they read on the same cores).
+Two things are kept out of that window: heartbeats (`--ping-seconds`, default 120, longer than a run: the
+streams all open within seconds, so their heartbeats come in rounds of N, each costing more CPU than a
+broadcast, that fall on some broadcasts and not others), and the clients' disconnects (they stay connected
+until the gateways' CPU has been read).
 
 With `--gateways G`, G `serve` processes on distinct ports share the one database (each with its own LISTEN)
 and the connections are spread over them evenly; RSS and CPU are summed over the gateways, the latency is
@@ -39,7 +42,6 @@ import argparse
 import asyncio
 import gc
 import json
-import math
 import os
 import resource
 import signal
@@ -62,8 +64,6 @@ from scratch import connection_reports, scratch_database, wait_ready
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRET = "bench-fanout-" + "b" * 40
-# The gateways' heartbeat period, as in the earlier runs.
-PING_SECONDS = 15
 # Linux's IP_BIND_ADDRESS_NO_PORT (the socket module does not name it).
 _IP_BIND_ADDRESS_NO_PORT = 24
 
@@ -230,8 +230,11 @@ async def _client(config: dict[str, Any]) -> None:
                 await all_read.wait()
     finally:
         await asyncio.to_thread(out.write_text, json.dumps({"latencies": arrivals, "failures": failures}))
-        for transport in transports:
-            transport.close()
+    # Connected until the driver has read the gateways' CPU (it closes our stdin): closing 10,000 connections
+    # costs a gateway more CPU than a broadcast, and is no part of one.
+    await asyncio.to_thread(sys.stdin.read)
+    for transport in transports:
+        transport.close()
 
 
 # -- driver -------------------------------------------------------------------------------------------------
@@ -269,6 +272,12 @@ def main() -> int:
         action="store_true",
         help="clients connect to an HAProxy in front of the gateways (deploy/haproxy/haproxy.cfg)",
     )
+    parser.add_argument(
+        "--ping-seconds",
+        type=float,
+        default=120.0,
+        help="the gateways' CDC_SSE_PING_SECONDS (default 120: none within a run; runs before 2026-12-08 had 15)",
+    )
     parser.add_argument("--client", help=argparse.SUPPRESS)
     args = parser.parse_args()
     _raise_fd_limit()
@@ -292,7 +301,7 @@ def main() -> int:
             # Every stream is one token's, opened from 127.0.0.1 at once: lift the per-token and per-address limits.
             CDC_MAX_STREAMS_PER_TOKEN=str(per_gateway + 100),
             CDC_RATE_LIMIT_STREAM_OPENS_PER_MINUTE="0",
-            CDC_SSE_PING_SECONDS=str(PING_SECONDS),
+            CDC_SSE_PING_SECONDS=str(args.ping_seconds),
             CDC_LOG_LEVEL="WARNING",
         )
         gateways: list[subprocess.Popen[bytes]] = []
@@ -353,7 +362,10 @@ def main() -> int:
                 offset += share
                 clients.append(
                     subprocess.Popen(
-                        [sys.executable, __file__, "--client", json.dumps(config)], stdout=subprocess.PIPE, text=True
+                        [sys.executable, __file__, "--client", json.dumps(config)],
+                        stdin=subprocess.PIPE,
+                        stdout=subprocess.PIPE,
+                        text=True,
                     )
                 )
             connected, failures = connection_reports(clients)
@@ -368,16 +380,13 @@ def main() -> int:
             def clients_cpu() -> float:
                 return sum(_cpu_seconds(c.pid) for c in clients)
 
-            # The CPU used while idle (heartbeats only), as a rate to subtract from the broadcasts' share: measured
-            # over one whole heartbeat period, in which every stream pings once (a shorter window may hold
-            # none of the pings that then fall among the broadcasts).
-            idle_started, idle_start, clients_idle_start = time.monotonic(), gateways_cpu(), clients_cpu()
-            time.sleep(PING_SECONDS)
-            idle_seconds = time.monotonic() - idle_started
-            idle_rate = (gateways_cpu() - idle_start) / idle_seconds
-            clients_idle_rate = (clients_cpu() - clients_idle_start) / idle_seconds
+            # The CPU used while idle, to subtract from the broadcasts' share.
+            idle_start, clients_idle_start = gateways_cpu(), clients_cpu()
+            time.sleep(args.interval)
+            idle_cpu = gateways_cpu() - idle_start
+            clients_idle_cpu = clients_cpu() - clients_idle_start
             haproxy_cpu_start = _cpu_seconds(haproxy.pid) if haproxy else 0.0
-            window_started, cpu_start, clients_cpu_start = time.monotonic(), gateways_cpu(), clients_cpu()
+            cpu_start, clients_cpu_start = gateways_cpu(), clients_cpu()
             with psycopg.connect(db, autocommit=True) as conn:
                 for seq in range(args.broadcasts):
                     payload = json.dumps(
@@ -388,19 +397,18 @@ def main() -> int:
                         (business, payload),
                     )
                     time.sleep(args.interval)
-            # The window as a whole number of heartbeat periods: then it holds exactly that many heartbeats of
-            # every stream, and the idle rate takes out exactly their CPU.
-            periods = math.ceil((time.monotonic() - window_started) / PING_SECONDS)
-            time.sleep(max(0.0, window_started + periods * PING_SECONDS - time.monotonic()))
-            window = time.monotonic() - window_started
-            broadcast_cpu = (gateways_cpu() - cpu_start - idle_rate * window) / args.broadcasts
+            broadcast_cpu = (gateways_cpu() - cpu_start - idle_cpu * args.broadcasts) / args.broadcasts
             # The clients read every frame on the same cores: their share is part of the measured latency.
-            clients_broadcast_cpu = (clients_cpu() - clients_cpu_start - clients_idle_rate * window) / args.broadcasts
-            # HAProxy's CPU over the broadcasts, per broadcast: heartbeats included.
+            clients_broadcast_cpu = (
+                clients_cpu() - clients_cpu_start - clients_idle_cpu * args.broadcasts
+            ) / args.broadcasts
+            # HAProxy's CPU over the broadcasts, per broadcast.
             haproxy_cpu = (_cpu_seconds(haproxy.pid) - haproxy_cpu_start) / args.broadcasts if haproxy else 0.0
             load_after = _uptime()
             arrivals: list[tuple[int, float]] = []
             for client, out in zip(clients, outs, strict=True):
+                assert client.stdin is not None
+                client.stdin.close()
                 client.wait(300)
                 arrivals += [(seq, latency) for seq, latency in json.loads(out.read_text())["latencies"]]
                 out.unlink()
