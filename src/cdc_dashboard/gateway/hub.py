@@ -6,8 +6,9 @@ every reconnect, reads the events after it in id order. Ids are committed in id 
 skips a late commit, and a cut connection loses nothing: the next catch-up reads what was missed.
 
 Streams register a `Subscriber` before their response starts. Every event the hub dispatches after that moment
-reaches the subscriber's bounded buffer; the stream replays older events from the database itself and drops
-the overlap by id. A subscriber whose buffer is full is cut (it resumes by Last-Event-ID, losing nothing).
+reaches the subscriber: written to the connection at once when the stream waits idle, else to its bounded
+buffer. The stream replays older events from the database itself and drops the overlap by id. A subscriber
+whose buffer is full is cut (it resumes by Last-Event-ID, losing nothing).
 
 Each batch the hub reads goes out with the `dashboard-stats` figures of its businesses spliced into their last
 event, read once for the batch (gateway/pushed_figures.py); the hub's memory keeps the events as stored.
