@@ -4,6 +4,7 @@ replays, never older than the event, and a failed read costs the figures, not th
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import re
@@ -253,3 +254,21 @@ async def test_a_failed_figures_read_delivers_the_events_without_figures(db_url:
         figures = _figures(event)
         assert figures is not None and figures["revenue"]["KES"]["total_minor"] == 250
         assert gw.app_state.hub.reconnects == 0
+
+
+async def test_an_event_committed_during_a_figures_read_is_delivered_at_once(db_url: str) -> None:
+    """Its NOTIFY arrives while the hub is busy with the batch before it: the hub must read again at once,
+    not wait for its quiet-time probe (5 s)."""
+    b = _businesses(db_url, 1)[0]
+    async with run_gateway(db_url) as gw, _streams(gw, b) as (stream,):
+        with _businesses_locked(db_url):
+            first = append_events(db_url, (b, "invalidate"))
+            # The hub has read `first` and now waits in its figures read, held by the lock.
+            await asyncio.sleep(0.3)
+            second = append_events(db_url, (b, "invalidate"))
+            await asyncio.sleep(0.2)
+        appended = time.monotonic()
+        got = await stream.events(2, timeout=4.5)
+        waited = time.monotonic() - appended
+    assert [int(e.id or 0) for e in got] == first + second
+    assert waited < 2.0, waited

@@ -427,10 +427,13 @@ class Hub:
                 self.listening.set()
                 backoff.reset()
                 while not self._stopping:
-                    self._wake.clear()
                     with contextlib.suppress(TimeoutError):
                         async with asyncio.timeout(self._probe_seconds):
                             await self._wake.wait()
+                    # Cleared before the read, never after it: a NOTIFY that arrives while a catch-up runs (its
+                    # figures read can take a while) is for rows that read may have missed, and must start the
+                    # next catch-up at once rather than wait for the probe.
+                    self._wake.clear()
                     if self._conn.is_closed():
                         raise ConnectionError("the LISTEN connection closed")
                     # Woken or quiet: either way read the table. When quiet this doubles as the liveness
