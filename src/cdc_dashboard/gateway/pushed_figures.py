@@ -24,6 +24,10 @@ The rules, and why:
 - A read that fails or takes longer than READ_TIMEOUT_SECONDS (a lock, a slow or dead database) costs the batch
   its figures, not its delivery: the events go out plain, dashboards refetch, one line is logged.
 - `invalidate` events only: a `resync` makes the client refetch everything.
+- `dashboard-stats` only: every other key the event names is refetched. Its figures are a few rollup rows per
+  business; the next candidate, the transactions page, reads fifty rows per business on this path that every
+  event of the batch waits for, and would make every subscriber's frame many times larger (measured:
+  docs/BENCHMARKS.md, "2026-12-08: pushing the transactions page too? (issue 18)").
 
 The read runs on the hub's own LISTEN connection, between reading the batch and dispatching it: it needs no
 pooled connection, so a pool busy with HTTP requests (up to its acquire timeout) never delays live events, and
