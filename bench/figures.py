@@ -8,16 +8,16 @@ applies the schema, loads bench/figures_data.sql (1M payments over 10k businesse
 300k bookings; generate_series, capture triggers bypassed), and builds the aggregates once (the chunked
 rebuild of `aggregates rebuild`). Then:
 
-0. pushed bodies: for batches of 10, 100 and 1,000 businesses, the `stats` statement (the figures live events
-   carry) against one statement reading the first `GET /transactions` page of each, interleaved, and the bytes
-   each body adds to an event frame (issue 18: is `['transactions', id]` as cheap to push?); with
-   `--pushed-bodies-only`, nothing else;
 1. stats query: the `stats` statement alone over asyncpg, one connection, random businesses (and the large one),
    then for batches of 10, 100 and 1,000 businesses (what the gateway reads for the figures it pushes);
 2. stats endpoint: `cdc-dashboard serve` in its own process, `--concurrency` aiohttp clients, random businesses;
 3. maintenance: `dashboard.sync_payments_v3` (what the listener's batch calls for the payments it consumed) for
    batches of status flips, and the `rebuild` query (manual refresh / `aggregates rebuild`) per business;
-   each measured inside a transaction that is rolled back, so every round sees the same history.
+   each measured inside a transaction that is rolled back, so every round sees the same history;
+4. pushed bodies: for batches of 10, 100 and 1,000 businesses, the `stats` statement (the figures live events
+   carry) against one statement reading the first `GET /transactions` page of each, interleaved, and the bytes
+   each body adds to an event frame (issue 18: is `['transactions', id]` as cheap to push?). With
+   `--pushed-bodies-only`, only this.
 
 The scratch database is dropped at the end unless `--keep`; `--database NAME` reuses a loaded one.
 """
@@ -446,12 +446,11 @@ def main() -> int:
     )
     args = parser.parse_args()
     with scratch_database("bench_figures", reuse=args.database, keep=args.keep, prepare=load) as url:
+        if not args.pushed_bodies_only:
+            asyncio.run(bench_query(url, 2000))
+            asyncio.run(bench_http(url, args.requests, args.concurrency))
+            asyncio.run(bench_maintenance(url))
         asyncio.run(bench_pushed_bodies(url))
-        if args.pushed_bodies_only:
-            return 0
-        asyncio.run(bench_query(url, 2000))
-        asyncio.run(bench_http(url, args.requests, args.concurrency))
-        asyncio.run(bench_maintenance(url))
     return 0
 
 
