@@ -39,7 +39,8 @@ including the payment when as_of_event_id ≥ the event's id and both numbers eq
 Reported, per payment and dashboard (each stream of the payment's business): p50/p99/max of event arrival -
 commit and of figures at the client - commit (the stats answer in refetch mode, the event's own figures in
 pushed mode), the stats request alone, payments whose event never arrived (must be 0) and figures that did not
-include the payment (must be 0), the writer's pacing, `uptime` before and after, and the CPU of each process
+include the payment (must be 0; a stats request that failed, e.g. a 503 from an exhausted pool, counts there
+too, and in `stats_errors`), the writer's pacing, `uptime` before and after, and the CPU of each process
 from /proc (utime + stime): `serve`, `listen`, the PostgreSQL backends of the bench database by role (by
 application_name: the listener's, the gateway's hub and pool, the writer's), the whole PostgreSQL cluster (the
 postmaster, its live children and the children it reaped: other databases' work on the same server included),
