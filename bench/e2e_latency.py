@@ -309,9 +309,11 @@ async def _client(config: dict[str, Any]) -> None:
         readers = [asyncio.create_task(read(session, s, r)) for s, (r, _w) in streams.items()]
 
         async def progress() -> None:  # what the driver watches to know when the run has gone quiet
+            path = Path(config["out"] + ".progress")
             while True:
-                text = f"{len(events)} {len(figures)}"
-                await asyncio.to_thread(Path(config["out"] + ".progress").write_text, text)
+                # Replaced whole, never rewritten in place: the driver must not read a half-written file as news.
+                await asyncio.to_thread(path.with_suffix(".tmp").write_text, f"{len(events)} {len(figures)}")
+                await asyncio.to_thread(path.with_suffix(".tmp").replace, path)
                 await asyncio.sleep(0.25)
 
         reporter = asyncio.create_task(progress())
@@ -620,6 +622,7 @@ def run(url: str, args: argparse.Namespace) -> int:
             cpu_start = _read_cpu(pids, conn, postmaster)
             busy_before, total_before = _machine_busy_seconds()
             subprocess.run([sys.executable, __file__, "--role", "writer", str(writer_config)], check=True)
+            writer_done = time.time()
             busy_after, total_after = _machine_busy_seconds()
             cpu_writer_end = _read_cpu(pids, conn, postmaster)
             load_after = _uptime()
@@ -686,6 +689,14 @@ def run(url: str, args: argparse.Namespace) -> int:
             "backlog_drained_after_writer_s": round(backlog_seconds, 1),
             "backlog_left": backlog_left,
             "quiet_after_writer_s": round(drained_seconds - args.drain, 1),
+            "last_receipt_after_writer_s": round(
+                max(
+                    [e[2] for o in outputs for e in o["events"]] + [f[6] for o in outputs for f in o["figures"]],
+                    default=writer_done,
+                )
+                - writer_done,
+                2,
+            ),
             "machine_cpu_busy_while_writing": f"{100 * (busy_after - busy_before) / (total_after - total_before):.0f}%",
             "cpu_while_writing_pct_of_a_core": {
                 k: round(100 * v / writing, 1) for k, v in sorted(while_writing.items())
