@@ -1,7 +1,7 @@
 """End to end: commit → event at an SSE client → figures at the client that include the payment, under steady load.
 
-    .venv/bin/python bench/e2e_latency.py [--mode refetch|pushed] [--rate 500] [--businesses 1000]
-        [--clients 1000] [--dashboards-per-business 1] [--seconds 30] [--payments-history 1000000]
+    .venv/bin/python bench/e2e_latency.py [--mode refetch|pushed] [--coalesce-ms 75] [--rate 500]
+        [--businesses 1000] [--clients 1000] [--dashboards-per-business 1] [--seconds 30] [--payments-history 1000000]
         [--database NAME | --keep] [--src SRC] [--client-procs 2] [--writers 8] [--separate-listener]
         [--linger-ms N] [--drain 5]
 
@@ -27,9 +27,9 @@ reuses an already loaded database instead (never dropped). Then:
    - `--mode refetch` (default; what a dashboard does without pushed figures): GETs that business's `stats`
      (aiohttp, keep-alive) and notes when the answer arrived;
    - `--mode pushed`: takes `figures["dashboard-stats"]` from the event and fetches nothing. An event without
-     figures takes those of a later event of the same read that has them (a read's events are handled
-     together, as a browser applies one task's messages before it renders); an event with none falls back to
-     GET `stats` as in refetch mode, and those fallbacks are counted.
+     figures (the gateway puts them on a business's last event of a batch) waits `--coalesce-ms` (75, as
+     /static/realtime.js's invalidations do) for a later event of the stream with figures, which include it;
+     if none comes, the client GETs `stats` once for the events waiting (a fallback, counted).
 
 The check that the figures include the payment is exact: the figures carry `as_of_event_id`, so after the run
 the expected payments_count and KES revenue total of that body are the baseline plus the payments named by
@@ -217,7 +217,7 @@ async def _client(config: dict[str, Any]) -> None:
     events: list[list[Any]] = []  # [stream, event id, arrival, [payment ids], change_count, has figures]
     # [stream, event id, as_of, payments_count, KES total, asked, answered, status, "pushed" | "fetched"]
     figures: list[list[Any]] = []
-    failures = 0
+    failures = requests = 0  # requests: the stats GETs made on events
     streams: dict[str, tuple[asyncio.StreamReader, asyncio.StreamWriter]] = {}
     fetches: set[asyncio.Task[None]] = set()
 
@@ -243,7 +243,10 @@ async def _client(config: dict[str, Any]) -> None:
             body = await r.read()
             return r.status, (json.loads(body) if r.status == 200 else {})
 
-    async def fetch(session: aiohttp.ClientSession, stream: str, event_id: int) -> None:
+    async def fetch(session: aiohttp.ClientSession, stream: str, event_ids: list[int]) -> None:
+        """GET the stats for these events of the stream (one request: the answer must include them all)."""
+        nonlocal requests
+        requests += 1
         asked = time.time()
         try:
             status, body = await get_stats(session, stream.split("/")[0])
@@ -251,15 +254,27 @@ async def _client(config: dict[str, Any]) -> None:
             status, body = -1, {}
         answered = time.time()
         as_of, count, total = _numbers(body) if status == 200 else (-1, -1, -1)
-        figures.append([stream, event_id, as_of, count, total, asked, answered, status, "fetched"])
+        for event_id in event_ids:
+            figures.append([stream, event_id, as_of, count, total, asked, answered, status, "fetched"])
 
-    def start_fetch(session: aiohttp.ClientSession, stream: str, event_id: int) -> None:
-        task = asyncio.create_task(fetch(session, stream, event_id))
+    def start_fetch(session: aiohttp.ClientSession, stream: str, event_ids: list[int]) -> None:
+        task = asyncio.create_task(fetch(session, stream, event_ids))
         fetches.add(task)
         task.add_done_callback(fetches.discard)
 
     async def read(session: aiohttp.ClientSession, stream: str, reader: asyncio.StreamReader) -> None:
         buffer = b""
+        # Pushed mode, as /static/realtime.js does: an event without figures waits `coalesce_ms` for a later
+        # one with figures (which include it); the stats are fetched only if none comes.
+        waiting: list[int] = []
+        timer: asyncio.TimerHandle | None = None
+
+        def fall_back() -> None:
+            nonlocal timer
+            timer = None
+            start_fetch(session, stream, waiting.copy())
+            waiting.clear()
+
         while True:
             size_line = await reader.readline()  # chunked transfer encoding: size, chunk, CRLF
             if not size_line:
@@ -271,7 +286,6 @@ async def _client(config: dict[str, Any]) -> None:
             arrival = time.time()
             buffer += chunk[:-2].replace(b"\r\n", b"\n")
             *messages, buffer = buffer.split(b"\n\n")
-            waiting: list[int] = []  # this read's events without figures, in pushed mode
             for message in messages:
                 kind, event_id, data = _parse_message(message)
                 if kind != "invalidate" or event_id is None:
@@ -282,17 +296,20 @@ async def _client(config: dict[str, Any]) -> None:
                 pushed = body.get("figures", {}).get("dashboard-stats")
                 events.append([stream, event_id, arrival, sorted(named), body.get("change_count", 0), bool(pushed)])
                 if not pushed_mode:
-                    start_fetch(session, stream, event_id)
+                    start_fetch(session, stream, [event_id])
                 elif pushed is None:
                     waiting.append(event_id)
+                    if timer is None:
+                        timer = asyncio.get_running_loop().call_later(config["coalesce_ms"] / 1000, fall_back)
                 else:
                     at = time.time()
                     as_of, count, total = _numbers(pushed)
                     for covered in [*waiting, event_id]:
                         figures.append([stream, covered, as_of, count, total, arrival, at, 200, "pushed"])
                     waiting.clear()
-            for event_id in waiting:  # no figures in this read: the fallback a dashboard would take
-                start_fetch(session, stream, event_id)
+                    if timer is not None:
+                        timer.cancel()
+                        timer = None
 
     for start in range(0, len(wanted), 100):
         await asyncio.gather(*(connect(s) for s in wanted[start : start + 100]))
@@ -331,6 +348,7 @@ async def _client(config: dict[str, Any]) -> None:
         "events": events,
         "figures": figures,
         "failures": failures,
+        "stats_requests": requests,
     }
     await asyncio.to_thread(Path(config["out"]).write_text, json.dumps(out))
 
@@ -586,7 +604,17 @@ def run(url: str, args: argparse.Namespace) -> int:
         client_procs: list[subprocess.Popen[str]] = []
         for share, out in zip(shares, outs, strict=True):
             config = workdir / f"{out.stem}-config.json"
-            config.write_text(json.dumps({"port": port, "streams": share, "mode": args.mode, "out": str(out)}))
+            config.write_text(
+                json.dumps(
+                    {
+                        "port": port,
+                        "streams": share,
+                        "mode": args.mode,
+                        "coalesce_ms": args.coalesce_ms,
+                        "out": str(out),
+                    }
+                )
+            )
             client = subprocess.Popen(
                 [sys.executable, __file__, "--role", "client", str(config)],
                 stdin=subprocess.PIPE,
@@ -708,7 +736,10 @@ def run(url: str, args: argparse.Namespace) -> int:
                 round(1e6 * gateway_side / delivered, 1) if delivered else None
             ),
             **analysis,
-            "pushed_mode_fallback_fetches": analysis["figures_fetched"] if args.mode == "pushed" else None,
+            "stats_requests_on_events": sum(o["stats_requests"] for o in outputs),
+            "pushed_mode_fallback_fetches": (
+                sum(o["stats_requests"] for o in outputs) if args.mode == "pushed" else None
+            ),
             "uptime_before": load_before,
             "uptime_after": load_after,
         }
@@ -731,6 +762,12 @@ def main() -> int:
         choices=["refetch", "pushed"],
         default="refetch",
         help="refetch: GET /stats on every event (default); pushed: the event's figures, GET only when it has none",
+    )
+    parser.add_argument(
+        "--coalesce-ms",
+        type=float,
+        default=75,
+        help="pushed mode: how long an event without figures waits for one with them (realtime.js's 75 ms)",
     )
     parser.add_argument("--rate", type=float, default=500, help="payments per second (default 500)")
     parser.add_argument("--businesses", type=int, default=1000, help="businesses the payments go to (default 1000)")
