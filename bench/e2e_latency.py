@@ -356,6 +356,18 @@ async def _client(config: dict[str, Any]) -> None:
 # -- writer process -----------------------------------------------------------------------------------------
 
 
+def writer_command(
+    workdir: Path, *, url: str, businesses: list[str], clients: list[str], rate: float, seconds: float, writers: int
+) -> tuple[list[str], Path]:
+    """The command that runs this script's writer role (used by soak.py and rolling_deploy.py too), and the
+    file it writes its record of payments to (its CPU goes to that path + ".cpu")."""
+    out = workdir / "writer.json"
+    config = workdir / "writer-config.json"
+    settings = {"url": url, "businesses": businesses, "clients": clients, "rate": rate, "seconds": seconds}
+    config.write_text(json.dumps({**settings, "writers": writers, "out": str(out)}))
+    return [sys.executable, str(Path(__file__).resolve()), "--role", "writer", str(config)], out
+
+
 async def _writer(config: dict[str, Any]) -> None:
     """Insert completed payments at `rate` per second for `seconds` over `writers` connections; note its own CPU
     and its backends' in `out`.cpu (they exit with it, before the driver could read them)."""
@@ -627,20 +639,14 @@ def run(url: str, args: argparse.Namespace) -> int:
         connected, failures = connection_reports(client_procs)
         print(f"{connected} streams connected, {failures} failures", flush=True)
 
-        writer_out = workdir / "writer.json"
-        writer_config = workdir / "writer-config.json"
-        writer_config.write_text(
-            json.dumps(
-                {
-                    "url": url,
-                    "businesses": businesses,
-                    "clients": clients,
-                    "rate": args.rate,
-                    "seconds": args.seconds,
-                    "writers": args.writers,
-                    "out": str(writer_out),
-                }
-            )
+        writer, writer_out = writer_command(
+            workdir,
+            url=url,
+            businesses=businesses,
+            clients=clients,
+            rate=args.rate,
+            seconds=args.seconds,
+            writers=args.writers,
         )
         load_before = _uptime()
         print(f"before: {load_before}", flush=True)
@@ -649,7 +655,7 @@ def run(url: str, args: argparse.Namespace) -> int:
             pids = list(roles)
             cpu_start = _read_cpu(pids, conn, postmaster)
             busy_before, total_before = _machine_busy_seconds()
-            subprocess.run([sys.executable, __file__, "--role", "writer", str(writer_config)], check=True)
+            subprocess.run(writer, check=True)
             writer_done = time.time()
             busy_after, total_after = _machine_busy_seconds()
             cpu_writer_end = _read_cpu(pids, conn, postmaster)

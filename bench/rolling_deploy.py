@@ -61,7 +61,7 @@ import psycopg
 
 from cdc_dashboard.sqlfiles import queries
 from cdc_dashboard.tokens import create_token
-from e2e_latency import _parse_message, _raise_fd_limit, _summary, _uptime  # the same client and stats
+from e2e_latency import _parse_message, _raise_fd_limit, _summary, _uptime, writer_command  # the same client and stats
 from scratch import connection_reports, scratch_database
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -360,25 +360,18 @@ def run(url: str, args: argparse.Namespace) -> int:
         # Four restarts of a few seconds each, `--gap` apart.
         restarts_duration = args.warmup + 4 * (args.gap + 5 + args.down_seconds)
         seconds = restarts_duration + args.tail
-        writer_config = workdir / "writer-config.json"
-        writer_out = workdir / "writer.json"
-        writer_config.write_text(
-            json.dumps(
-                {
-                    "url": url,
-                    "businesses": businesses,
-                    "clients": clients,
-                    "rate": args.rate,
-                    "seconds": seconds,
-                    "writers": args.writers,
-                    "out": str(writer_out),
-                }
-            )
+        command, writer_out = writer_command(
+            workdir,
+            url=url,
+            businesses=businesses,
+            clients=clients,
+            rate=args.rate,
+            seconds=seconds,
+            writers=args.writers,
         )
         load_before = _uptime()
         print(f"before: {load_before}", flush=True)
-        e2e = str(Path(__file__).with_name("e2e_latency.py"))
-        writer = subprocess.Popen([sys.executable, e2e, "--role", "writer", str(writer_config)])
+        writer = subprocess.Popen(command)
         procs.append(writer)
         time.sleep(args.warmup)
         restarts: list[dict[str, Any]] = []

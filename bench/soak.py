@@ -44,7 +44,13 @@ import psycopg
 
 from cdc_dashboard.sqlfiles import queries
 from cdc_dashboard.tokens import create_token
-from e2e_latency import _free_port, _parse_message, _raise_fd_limit, _uptime  # bench/ is on sys.path (run as a script)
+from e2e_latency import (
+    _free_port,
+    _parse_message,
+    _raise_fd_limit,
+    _uptime,
+    writer_command,
+)  # bench/ is on sys.path (run as a script)
 from figures import load
 from scratch import connection_reports, scratch_database, wait_ready
 
@@ -257,24 +263,16 @@ def run(url: str, args: argparse.Namespace) -> int:
         connected, failures = connection_reports([client])
         print(f"{connected} dashboards connected, {failures} failures; {_uptime()}", flush=True)
 
-        writer_out = workdir / "writer.json"
-        writer_config = workdir / "writer-config.json"
-        writer_config.write_text(
-            json.dumps(
-                {
-                    "url": url,
-                    "businesses": businesses,
-                    "clients": clients,
-                    "rate": args.rate,
-                    "seconds": args.minutes * 60,
-                    "writers": 2,
-                    "out": str(writer_out),
-                }
-            )
+        command, writer_out = writer_command(
+            workdir,
+            url=url,
+            businesses=businesses,
+            clients=clients,
+            rate=args.rate,
+            seconds=args.minutes * 60,
+            writers=2,
         )
-        writer = subprocess.Popen(
-            [sys.executable, str(ROOT / "bench" / "e2e_latency.py"), "--role", "writer", str(writer_config)]
-        )
+        writer = subprocess.Popen(command)
         procs.append(writer)
         samples: list[dict[str, Any]] = []
         loads: list[str] = []
