@@ -64,7 +64,6 @@ import os
 import random
 import resource
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -83,7 +82,7 @@ import psycopg
 from cdc_dashboard.sqlfiles import queries
 from cdc_dashboard.tokens import create_token
 from figures import load  # bench/figures.py: run as a script, bench/ is on sys.path
-from scratch import connection_reports, scratch_database, wait_ready
+from scratch import connection_reports, scratch_database, stop, wait_ready
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRET = "bench-e2e-latency-" + "e" * 40
@@ -544,16 +543,6 @@ def _cpu_between(before: _CpuReading, after: _CpuReading, roles: dict[int, str])
     return dict(used)
 
 
-def _stop(proc: subprocess.Popen[Any]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 def _connect(url: str) -> psycopg.Connection[Any]:
     return psycopg.connect(url, autocommit=True, application_name=DRIVER_APPLICATION)
 
@@ -753,7 +742,7 @@ def run(url: str, args: argparse.Namespace) -> int:
         return 0 if result["payments_without_event"] == 0 and result["figures_not_including_payment"] == 0 else 1
     finally:
         for proc in reversed(procs):
-            _stop(proc)
+            stop(proc)
         log.close()
         tail = (workdir / "services.log").read_text(errors="replace").splitlines()[-20:]
         if tail:

@@ -44,7 +44,6 @@ import itertools
 import json
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
@@ -62,7 +61,7 @@ import psycopg
 from cdc_dashboard.sqlfiles import queries
 from cdc_dashboard.tokens import create_token
 from e2e_latency import _parse_message, _raise_fd_limit, _summary, _uptime, writer_command  # the same client and stats
-from scratch import connection_reports, scratch_database
+from scratch import connection_reports, scratch_database, stop
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "deploy" / "local" / "cluster.sh"
@@ -436,12 +435,7 @@ def run(url: str, args: argparse.Namespace) -> int:
         return 0 if ok and connected == args.dashboards else 1
     finally:
         for proc in procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+            stop(proc, timeout=10)
         subprocess.run([str(CLUSTER), "down"], env=env, check=False, stdout=subprocess.DEVNULL)
         if args.keep_logs:
             print(f"logs kept in {workdir}", flush=True)

@@ -1,5 +1,5 @@
 """What the benchmarks share: a scratch database, its change-log backlog and waiting for it to drain, waiting for a
-gateway subprocess to be ready, and the connection reports of their client processes.
+gateway subprocess to be ready, the connection reports of their client processes, and stopping a subprocess.
 
 The server is CDC_BENCH_ADMIN_URL (default: this machine's PostgreSQL, postgresql://postgres@127.0.0.1:5432/postgres).
 """
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import time
@@ -90,3 +91,14 @@ def connection_reports(clients: list[subprocess.Popen[Any]]) -> tuple[int, int]:
         connected += report["connected"]
         failures += report["failures"]
     return connected, failures
+
+
+def stop(proc: subprocess.Popen[Any], timeout: float = 15) -> None:
+    """SIGTERM (a graceful end: a gateway drains, a listener finishes its batch), SIGKILL after `timeout` s."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

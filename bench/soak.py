@@ -32,7 +32,6 @@ import itertools
 import json
 import os
 import random
-import signal
 import subprocess
 import sys
 import tempfile
@@ -52,7 +51,7 @@ from e2e_latency import (
     writer_command,
 )  # bench/ is on sys.path (run as a script)
 from figures import load
-from scratch import connection_reports, scratch_database, wait_ready
+from scratch import connection_reports, scratch_database, stop, wait_ready
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRET = "bench-soak-" + "s" * 40
@@ -351,12 +350,7 @@ def run(url: str, args: argparse.Namespace) -> int:
         return 0 if ok else 1
     finally:
         for proc in procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(15)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+            stop(proc)
 
 
 def main() -> int:
