@@ -84,7 +84,6 @@ class Subscriber:
         "_waiter",
         "business_id",
         "closed_reason",
-        "idle",
         "items",
         "limit",
         "on_cut",
@@ -111,10 +110,15 @@ class Subscriber:
         self.sent = 0
         # Sends one body chunk on the stream's connection; set by the response once its headers went out.
         self.write: Callable[[bytes], Awaitable[None]] | None = None
-        # True while the stream's task waits in its live loop, nothing buffered, no send under way.
-        self.idle = False
         # The rest of a direct write that could not finish at once (the client's transport is paused).
         self._inflight: asyncio.Task[None] | None = None
+
+    @property
+    def idle(self) -> bool:
+        """The stream's task waits in its live loop (a buffered event or a close would have woken it), its
+        response is writing, and no direct write is under way: the hub may write to the connection itself."""
+        waiter = self._waiter
+        return waiter is not None and not waiter.done() and self.write is not None and self._inflight is None
 
     def push(self, event: HubEvent) -> bool:
         """Buffer an event; False when the buffer was full (the subscriber is then cut)."""
@@ -145,11 +149,9 @@ class Subscriber:
             return True
         except Exception:
             log.warning("a stream's write failed; ending it", exc_info=True, extra={"business_id": self.business_id})
-            self.idle = False
             self.cut()
             return False
         loop = asyncio.get_running_loop()
-        self.idle = False
         self.sending_since = loop.time()
         self._inflight = loop.create_task(self._finish_write(_RestOf(steps, suspended_on)))
         return True
@@ -161,18 +163,14 @@ class Subscriber:
             log.warning("a stream's write failed; ending it", exc_info=True, extra={"business_id": self.business_id})
             self.cut()
         finally:
+            # The stream is idle again if its task still waits (nothing buffered meanwhile); otherwise the task,
+            # woken, writes what buffered.
             self.sending_since = None
             self._inflight = None
-            # Still waiting with nothing buffered (a buffered event would have woken the task): write directly
-            # again. Otherwise the stream's task, woken, writes what buffered meanwhile.
-            waiter = self._waiter
-            if waiter is not None and not waiter.done() and self.write is not None:
-                self.idle = True
 
     def detach(self) -> None:
         """The response ended: no more direct writes, and one still under way is abandoned."""
         self.write = None
-        self.idle = False
         inflight, self._inflight = self._inflight, None
         if inflight is not None:
             inflight.cancel()
@@ -198,7 +196,6 @@ class Subscriber:
             on_cut()
 
     def _wake(self) -> None:
-        self.idle = False
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
@@ -229,12 +226,10 @@ class Subscriber:
         if self.items or self.closed_reason is not None or self._timer is None:
             return
         self._waiter = asyncio.get_running_loop().create_future()
-        self.idle = self.write is not None
         try:
             await self._waiter
         finally:
             self._waiter = None
-            self.idle = False
         if self._inflight is not None:
             # The stream's own writes come after the direct one (its client is slow; the stall check watches).
             await self._inflight
